@@ -1,0 +1,320 @@
+"""Train the VQ-VAE on MNIST.
+
+    python VQ-VAE.py --output-folder vqvae                 # README defaults, CPU
+    python VQ-VAE.py --device cuda --compile               # GPU
+    python VQ-VAE.py --resume models/vqvae/last.pt         # continue an interrupted run
+    torchrun --nproc_per_node=2 VQ-VAE.py ...              # DistributedDataParallel
+
+Writes TensorBoard logs to logs/<output-folder>/ and checkpoints to models/<output-folder>/:
+best.pt (lowest test reconstruction loss), model_<epoch>.pt and last.pt (everything needed to resume).
+"""
+import glob
+import multiprocessing as mp
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from modules import (CODEBOOK_INITS, CODEBOOKS, MNISTSplit, ArgumentParser, code_usage,
+                     decay_float, evaluate_vqvae, fail, load_checkpoint, load_state,
+                     make_output_dirs, nonnegative_float, nonnegative_int, positive_float,
+                     positive_int, resolve_device, save_checkpoint, vqvae_from_config, vqvae_losses)
+
+# A --resume must agree with the checkpoint on these; the others (epochs, device, ...) may change.
+LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
+                    "dead_code_threshold", "batch_size", "lr", "lr_schedule", "beta", "seed",
+                    "train_subset", "amp")
+TRAIN_SCALARS = ("loss/train/training_loss", "loss/train/reconstruction", "loss/train/quantization",
+                 "loss/train/commitment", "codebook/train/perplexity", "codebook/train/codes_used")
+
+
+def build_parser():
+    p = ArgumentParser(prog="VQ-VAE.py", description="Train a VQ-VAE on MNIST.")
+    p.add_argument("--output-folder", default="vqvae", help="run name: logs/<name>, models/<name>")
+    p.add_argument("--data-folder", default="data", help="MNIST goes to <folder>/MNIST/raw")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--hidden-size", type=positive_int, default=40, help="latent/codeword size D")
+    p.add_argument("--k", type=positive_int, default=512, help="number of codewords K")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--num-epochs", "--num_epoch", dest="num_epochs", type=nonnegative_int, default=10)
+    p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate")
+    p.add_argument("--beta", type=positive_float, default=1.0, help="commitment loss weight")
+    p.add_argument("--num-workers", type=nonnegative_int, default=max(mp.cpu_count() - 1, 0),
+                   help="DataLoader workers (torchvision pipeline only)")
+    p.add_argument("--seed", type=nonnegative_int, default=None, help="default: drawn and recorded")
+    g = p.add_argument_group("codebook")
+    g.add_argument("--codebook", choices=CODEBOOKS, default="ema")
+    g.add_argument("--codebook-init", choices=CODEBOOK_INITS, default="kmeans")
+    g.add_argument("--ema-decay", type=decay_float, default=0.99)
+    g.add_argument("--dead-code-threshold", type=nonnegative_float, default=1.0,
+                   help="re-seed codes used fewer times per batch (EMA) than this; 0 disables")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    g = p.add_argument_group("speed")
+    g.add_argument("--data-pipeline", choices=("device", "torchvision"), default="device",
+                   help="device: whole split as uint8 on the device; torchvision: the seed's loader")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (quantizer stays float32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g = p.add_argument_group("runs")
+    g.add_argument("--resume", default=None, help="continue from a last.pt checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier run of this name")
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps")
+    g.add_argument("--train-subset", type=positive_int, default=None, help="first N training images")
+    g.add_argument("--test-subset", type=positive_int, default=None, help="first N test images")
+    g.add_argument("--log-every", type=positive_int, default=50,
+                   help="steps between host syncs (per-step scalars are still all written)")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        config = load_checkpoint(args.resume, "vqvae", "--resume")["config"] or fail(
+            f"--resume {args.resume}: a bare state_dict cannot be resumed; it has no training state")
+        for key, value in config.items():
+            mine = getattr(args, key, None)
+            if key in LOCKED_ON_RESUME and mine != value and mine != parser.get_default(key):
+                fail(f"--{key.replace('_', '-')} {mine} conflicts with the checkpoint "
+                     f"--resume {args.resume}, which was trained with {value}")
+            if key in LOCKED_ON_RESUME or key == "output_folder" and mine == parser.get_default(key):
+                setattr(args, key, value)
+    if os.path.isabs(args.output_folder) or ".." in args.output_folder.split(os.sep):
+        fail(f"--output-folder {args.output_folder!r}: expected a run name, not a path")
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(2**31)
+    return args
+
+
+def rng_state(shuffle):
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(state, shuffle):
+    torch.set_rng_state(state["torch"])
+    shuffle.set_state(state["shuffle"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+
+
+def setup_distributed(device):
+    """torchrun sets WORLD_SIZE/RANK: join the process group (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def prepare_run_folders(args, rank):
+    log_dir = os.path.join("logs", args.output_folder)
+    model_dir = os.path.join("models", args.output_folder)
+    if rank != 0:
+        return log_dir, model_dir
+    earlier = glob.glob(os.path.join(model_dir, "*.pt"))
+    if earlier and not args.resume and not args.overwrite:
+        fail(f"models/{args.output_folder}/ already holds checkpoints of an earlier run; pass "
+             f"--resume {model_dir}/last.pt to continue it or --overwrite to start over")
+    make_output_dirs(log_dir, model_dir)
+    if args.overwrite and not args.resume:
+        for path in earlier + glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+            os.remove(path)
+    return log_dir, model_dir
+
+
+def image_grid(images):
+    return make_grid(images.float().cpu(), nrow=8, value_range=(-1, 1), normalize=True)
+
+
+def main(args):
+    device = resolve_device(args.device)
+    rank, world_size, device = setup_distributed(device)
+    if args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
+    log_dir, model_dir = prepare_run_folders(args, rank)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    shuffle = torch.Generator().manual_seed(args.seed)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+
+    train_set = MNISTSplit(args.data_folder, True, device, args.data_pipeline, args.num_workers,
+                           args.train_subset)
+    test_set = MNISTSplit(args.data_folder, False, device, args.data_pipeline, args.num_workers,
+                          args.test_subset)
+    model = vqvae_from_config(config).to(device)
+    if world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    learned_codebook = args.codebook == "loss"
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                 fused=device.type == "cuda")
+    steps_per_epoch = -(-len(train_set) // args.batch_size)
+    total_steps = min(args.num_epochs * steps_per_epoch, args.max_steps or float("inf"))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1)) \
+        if args.lr_schedule == "cosine" else None
+
+    start_epoch, step, batch_in_epoch, best_loss = 0, 0, 0, float("inf")
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume, "vqvae", "--resume")
+        load_state(model, checkpoint["state_dict"], "--resume", args.resume)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        set_rng_state(checkpoint["rng"], shuffle)
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        batch_in_epoch, best_loss = checkpoint["batch_in_epoch"], checkpoint["best_loss"]
+    raw_model = model
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:
+        try:
+            model = torch.compile(model)
+        except Exception as e:  # no compiler toolchain, unsupported platform, ...
+            print(f"warning: --compile unavailable ({e}); training eagerly", file=sys.stderr)
+
+    def checkpoint_dict(epoch, batch, shuffle_state, metrics):
+        return {"kind": "vqvae", "state_dict": raw_model.state_dict(), "config": config,
+                "epoch": epoch, "batch_in_epoch": batch, "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler else None,
+                "rng": {**rng_state(shuffle), "shuffle": shuffle_state},
+                "best_loss": best_loss, "metrics": metrics}
+
+    writer = SummaryWriter(log_dir) if rank == 0 else None
+    fixed_images, _ = next(test_set.batches(16))
+    if writer and not args.resume:
+        writer.add_image("original", image_grid(fixed_images), 0)
+        raw_model.eval()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            writer.add_graph(raw_model, fixed_images)
+            writer.add_image("reconstruction", image_grid(raw_model(fixed_images)[0]), 0)
+        raw_model.train()
+
+    stop_signal = []
+
+    def request_stop(signum, _frame):
+        stop_signal.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    if rank == 0:
+        print(f"training {args.output_folder}: {len(train_set)} train / {len(test_set)} test images, "
+              f"device {device}, {world_size} process(es), seed {args.seed}")
+    pending = []  # per-step scalars kept on the device until the next host sync
+
+    def flush():
+        """One host sync: write the pending per-step scalars, stop on a non-finite loss."""
+        rows = torch.stack(pending).tolist()
+        first_step = step - len(rows) + 1
+        for i, row in enumerate(rows):
+            if not all(map(np.isfinite, row[:4])):
+                fail(f"loss became {row[0]} at step {first_step + i}; training stopped, the "
+                     f"checkpoints already in {model_dir}/ are untouched", status=1)
+            if writer:
+                for tag, value in zip(TRAIN_SCALARS, row):
+                    writer.add_scalar(tag, value, first_step + i)
+        pending.clear()
+        return rows[-1][0]
+
+    for epoch in range(start_epoch, args.num_epochs):
+        if step >= total_steps:
+            break
+        shuffle_state = shuffle.get_state()
+        order = torch.randperm(len(train_set), generator=shuffle)
+        model.train()
+        started = time.time()
+        bar = tqdm(train_set.batches(args.batch_size, order, batch_in_epoch, rank, world_size),
+                   total=steps_per_epoch, initial=batch_in_epoch, disable=rank != 0,
+                   desc=f"epoch {epoch + 1}/{args.num_epochs}", leave=False, dynamic_ncols=True)
+        for images, _ in bar:
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                loss, reconstruction_loss, codebook_loss, commitment_loss, indices = \
+                    vqvae_losses(model, images, args.beta, learned_codebook)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler:
+                scheduler.step()
+            _, perplexity, used = code_usage(indices, args.k)
+            pending.append(torch.stack([loss.detach(), reconstruction_loss.detach(),
+                                        codebook_loss.detach(), commitment_loss.detach(),
+                                        perplexity, used.float()]))
+            step += 1
+            batch_in_epoch += 1
+            if step % args.log_every == 0 or stop_signal or step >= total_steps:
+                bar.set_postfix(loss=f"{flush():.4f}")
+            if stop_signal:
+                if rank == 0:
+                    save_checkpoint(os.path.join(model_dir, "last.pt"),
+                                    checkpoint_dict(epoch, batch_in_epoch, shuffle_state, None))
+                    print(f"\nstopped by signal {stop_signal[0]} at step {step}; resume with:\n"
+                          f"  python VQ-VAE.py --resume {model_dir}/last.pt", file=sys.stderr)
+                sys.exit(128 + stop_signal[0])
+            if step >= total_steps:
+                break
+        bar.close()
+        if pending:
+            flush()
+        batch_in_epoch = 0
+        train_seconds = time.time() - started
+        if world_size > 1:
+            dist.barrier()
+        if rank != 0:
+            continue
+        metrics = evaluate_vqvae(raw_model, test_set)
+        counts = metrics.pop("counts")
+        n = epoch + 1
+        writer.add_scalar("loss/test/reconstruction", metrics["reconstruction"], step)
+        writer.add_scalar("loss/test/quantization", metrics["quantization"], step)
+        writer.add_scalar("loss/testing_loss", metrics["reconstruction"], n)
+        writer.add_scalar("codebook/test/perplexity", metrics["perplexity"], n)
+        writer.add_scalar("codebook/test/codes_used", metrics["codes_used"], n)
+        writer.add_scalar("codebook/test/dead_codes", args.k - metrics["codes_used"], n)
+        writer.add_histogram("codebook/test/usage", torch.repeat_interleave(
+            torch.arange(args.k), counts.long()), n, bins=min(args.k, 512))
+        raw_model.eval()
+        with torch.no_grad():
+            writer.add_image("reconstruction", image_grid(raw_model(fixed_images)[0]), n)
+        raw_model.train()
+        writer.flush()
+        metrics["train_seconds"] = round(train_seconds, 2)
+        if metrics["reconstruction"] < best_loss:
+            best_loss = metrics["reconstruction"]
+            save_checkpoint(os.path.join(model_dir, "best.pt"),
+                            checkpoint_dict(n, 0, shuffle.get_state(), metrics))
+        final = checkpoint_dict(n, 0, shuffle.get_state(), metrics)
+        save_checkpoint(os.path.join(model_dir, f"model_{n}.pt"), final)
+        save_checkpoint(os.path.join(model_dir, "last.pt"), final)
+        print(f"epoch {n}/{args.num_epochs}  step {step}  test reconstruction "
+              f"{metrics['reconstruction']:.5f}  quantization {metrics['quantization']:.5f}  "
+              f"codes used {metrics['codes_used']}/{args.k}  perplexity {metrics['perplexity']:.1f}"
+              f"  train {train_seconds:.1f}s")
+    if writer:
+        writer.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())

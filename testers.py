@@ -1,0 +1,308 @@
+"""Tests: `python -m pytest testers.py`. They train on small real MNIST subsets, on the CPU."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modules import (MNISTSplit, VectorQuantizedVAE, evaluate_vqvae, load_checkpoint,
+                     save_checkpoint, vqvae_from_config, vqvae_losses)
+from vector_quantizer import VQEmbedding, kmeans, vq, vq_st
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--hidden-size", "16", "--k", "32", "--batch-size", "64", "--train-subset", "1024",
+        "--test-subset", "256", "--num-workers", "0", "--seed", "3"]
+
+
+def run(script, *args, cwd, check=True):
+    """Run one of the repo's scripts in `cwd`; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def data_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    from modules import prepare_mnist
+    prepare_mnist(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_folder):
+    """One tiny end-to-end VQ-VAE.py run (2 epochs), shared by the tests that read its outputs."""
+    cwd = tmp_path_factory.mktemp("run")
+    result = run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder,
+                 "--num-epochs", "2", *TINY, cwd=cwd)
+    return cwd, result
+
+
+# ------------------------------------------------------------------ the seed's quantizer tests
+def test_vq_shape():
+    inputs = torch.rand((2, 3, 5, 7), dtype=torch.float32, requires_grad=True)
+    codebook = torch.rand((11, 7), dtype=torch.float32, requires_grad=True)
+    indices = vq(inputs, codebook)
+    assert indices.size() == (2, 3, 5)
+    assert not indices.requires_grad
+    assert indices.dtype == torch.int64
+
+
+def test_vq():
+    inputs = torch.rand((2, 3, 5, 7), dtype=torch.float32, requires_grad=True)
+    codebook = torch.rand((11, 7), dtype=torch.float32, requires_grad=True)
+    indices = vq(inputs, codebook)
+    distances = torch.norm(inputs.unsqueeze(3) - codebook, p=2, dim=4)
+    assert np.array_equal(indices.numpy(), distances.argmin(dim=3).numpy())
+
+
+def test_vq_st_shape():
+    inputs = torch.rand((2, 3, 5, 7), dtype=torch.float32, requires_grad=True)
+    codebook = torch.rand((11, 7), dtype=torch.float32, requires_grad=True)
+    codes, indices = vq_st(inputs, codebook)
+    assert codes.size() == (2, 3, 5, 7)
+    assert codes.requires_grad
+    assert codes.dtype == torch.float32
+    assert indices.size() == (2 * 3 * 5,)
+    assert not indices.requires_grad
+    assert indices.dtype == torch.int64
+
+
+def test_vq_st_gradient1():
+    inputs = torch.rand((2, 3, 5, 7), dtype=torch.float32, requires_grad=True)
+    codebook = torch.rand((11, 7), dtype=torch.float32, requires_grad=True)
+    codes, _ = vq_st(inputs, codebook)
+    grad_output = torch.rand((2, 3, 5, 7))
+    grad_inputs, = torch.autograd.grad(codes, inputs, grad_outputs=[grad_output])
+    # Straight-through estimator
+    assert grad_inputs.size() == (2, 3, 5, 7)
+    assert np.allclose(grad_output.numpy(), grad_inputs.numpy())
+
+
+def test_vq_st_gradient2():
+    inputs = torch.rand((2, 3, 5, 7), dtype=torch.float32, requires_grad=True)
+    codebook = torch.rand((11, 7), dtype=torch.float32, requires_grad=True)
+    codes, _ = vq_st(inputs, codebook)
+    indices = vq(inputs, codebook)
+    codes_torch = torch.embedding(codebook, indices, padding_idx=-1, scale_grad_by_freq=False,
+                                  sparse=False)
+    grad_output = torch.rand((2, 3, 5, 7), dtype=torch.float32)
+    grad_codebook, = torch.autograd.grad(codes, codebook, grad_outputs=[grad_output])
+    grad_codebook_torch, = torch.autograd.grad(codes_torch, codebook, grad_outputs=[grad_output])
+    # Gradient is the same as torch.embedding function
+    assert grad_codebook.size() == (11, 7)
+    assert np.allclose(grad_codebook.numpy(), grad_codebook_torch.numpy())
+
+
+def test_vq_stays_float32_under_bf16_autocast():
+    inputs, codebook = torch.randn(64, 8), torch.randn(16, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(vq(inputs, codebook), vq(inputs.double(), codebook.double()))
+
+
+# ------------------------------------------------------------------------------------- model
+@pytest.mark.parametrize("codebook", ["loss", "ema"])
+def test_model_shapes(codebook):
+    model = VectorQuantizedVAE(1, 16, 32, codebook=codebook)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    x_tilde, z_e_x, z_q_x = model(x)
+    assert x_tilde.shape == (4, 1, 28, 28) and x_tilde.abs().max() <= 1
+    assert z_e_x.shape == z_q_x.shape == (4, 16, 7, 7)
+    model.eval()
+    latents = model.encode(x)
+    assert latents.shape == (4, 7, 7) and latents.dtype == torch.int64
+    assert model.decode(latents).shape == (4, 1, 28, 28)
+    # decoding the codes reproduces the eval-mode forward pass
+    assert torch.allclose(model.decode(latents), model(x)[0], atol=1e-6)
+
+
+def test_both_pipelines_give_identical_batches(data_folder):
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    fast = MNISTSplit(data_folder, True, "cpu", "device", limit=300)
+    seed_style = MNISTSplit(data_folder, True, "cpu", "torchvision", num_workers=0, limit=300)
+    for (a, la), (b, lb) in zip(fast.batches(128, order), seed_style.batches(128, order)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    images, _ = next(fast.batches(300))
+    assert images.min() == -1 and images.max() == 1
+    assert abs((images.mean().item() + 1) / 2 - 0.1307) < 0.02  # MNIST's known pixel mean
+
+
+def test_short_training_run_lowers_loss(data_folder):
+    torch.manual_seed(0)
+    split = MNISTSplit(data_folder, True, "cpu", limit=2048)
+    model = VectorQuantizedVAE(1, 16, 32, codebook="loss")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(2):
+        for images, _ in split.batches(128, torch.randperm(len(split))):
+            loss, reconstruction_loss = vqvae_losses(model, images, 1.0)[:2]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append([loss.item(), reconstruction_loss.item()])
+    first, last = np.mean(losses[:5], axis=0), np.mean(losses[-5:], axis=0)
+    assert (last < 0.9 * first).all() and last[1] < 0.6 * first[1], (first, last)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = {"hidden_size": 8, "k": 16, "codebook": "ema", "codebook_init": "kmeans",
+              "ema_decay": 0.9, "dead_code_threshold": 0.5}
+    model = vqvae_from_config(config)
+    model(torch.rand(8, 1, 28, 28))  # k-means init + an EMA step change the buffers
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, {"kind": "vqvae", "state_dict": model.state_dict(), "config": config})
+    assert os.listdir(tmp_path) == ["m.pt"]  # no temp file left behind
+    loaded = load_checkpoint(path, "vqvae")
+    clone = vqvae_from_config(loaded["config"])
+    clone.load_state_dict(loaded["state_dict"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, clone.state_dict()[key]), key
+    assert not clone.codeBook._needs_init
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(model.eval()(x)[0], clone.eval()(x)[0])
+
+
+# ---------------------------------------------------------------------------- scripts end to end
+def test_training_script_writes_logs_and_checkpoints(trained_run):
+    cwd, result = trained_run
+    files = sorted(os.listdir(cwd / "models" / "tiny"))
+    assert files == ["best.pt", "last.pt", "model_1.pt", "model_2.pt"]
+    assert "epoch 2/2" in result.stdout and "perplexity" in result.stdout
+    checkpoint = torch.load(cwd / "models" / "tiny" / "last.pt", weights_only=True)
+    assert checkpoint["config"]["k"] == 32 and checkpoint["epoch"] == 2
+    assert checkpoint["step"] == 2 * 1024 // 64
+
+
+def test_tensorboard_tags(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cwd, _ = trained_run
+    events = EventAccumulator(str(cwd / "logs" / "tiny"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    for tag in ("loss/train/reconstruction", "loss/train/quantization", "loss/train/training_loss",
+                "loss/test/reconstruction", "loss/test/quantization", "loss/testing_loss",
+                "codebook/train/perplexity", "codebook/train/codes_used",
+                "codebook/test/perplexity", "codebook/test/codes_used", "codebook/test/dead_codes"):
+        assert tag in tags["scalars"], tag
+    assert len(events.Scalars("loss/train/training_loss")) == 32  # every step
+    assert [e.step for e in events.Scalars("loss/testing_loss")] == [1, 2]
+    assert {"original", "reconstruction"} <= set(tags["images"])
+    assert [e.step for e in events.Images("reconstruction")] == [0, 1, 2]
+    assert "codebook/test/usage" in tags["histograms"]
+    assert tags["graph"]
+
+
+@pytest.mark.parametrize("source", ["MNIST", "random"])
+def test_generate_writes_a_grid(trained_run, data_folder, source):
+    cwd, _ = trained_run
+    run("generate.py", "--model", "models/tiny/best.pt", "--input", source, "--filename", source,
+        "--data-folder", data_folder, cwd=cwd)
+    image = np.asarray(Image.open(cwd / "generatedImages" / f"{source}.png").convert("L"))
+    assert image.shape == (302, 302)
+    assert image.std() > 10  # not blank
+
+
+def test_generate_reads_seed_style_state_dict(trained_run, tmp_path):
+    cwd, _ = trained_run
+    state_dict = torch.load(cwd / "models" / "tiny" / "best.pt", weights_only=True)["state_dict"]
+    torch.save(state_dict, tmp_path / "bare.pt")
+    run("generate.py", "--model", tmp_path / "bare.pt", "--hidden-size-vae", 16, "--k", 32,
+        "--input", "random", "--filename", "bare", cwd=tmp_path)
+    assert (tmp_path / "generatedImages" / "bare.png").exists()
+
+
+# ------------------------------------------------------------------------------------ bad input
+def assert_clean_failure(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--k", "0"], "--k"),
+    (["--hidden-size", "-4"], "--hidden-size"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--num-epochs", "-1"], "--num-epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--beta", "0"], "--beta"),
+    (["--beta", "-1"], "--beta"),
+    (["--beta", "inf"], "--beta"),
+    (["--k", "many"], "--k"),
+    (["--num-workers", "-1"], "--num-workers"),
+    (["--ema-decay", "1"], "--ema-decay"),
+    (["--codebook", "magic"], "--codebook"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "cuda:7"], "--device"),
+    (["--output-folder", "../escape"], "--output-folder"),
+])
+def test_training_rejects_bad_flags(tmp_path, data_folder, args, word):
+    result = run("VQ-VAE.py", "--data-folder", data_folder, *args, cwd=tmp_path, check=False)
+    assert_clean_failure(result, word)
+    assert not (tmp_path / "models").exists()
+
+
+def test_training_rejects_data_folder_that_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = run("VQ-VAE.py", "--data-folder", "afile", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--data-folder")
+
+
+def test_training_rejects_unwritable_output(tmp_path, data_folder):
+    (tmp_path / "models").write_text("a file where the models folder should be")
+    result = run("VQ-VAE.py", "--data-folder", data_folder, *TINY, cwd=tmp_path, check=False)
+    assert_clean_failure(result, "models")
+    assert (tmp_path / "models").read_text().startswith("a file")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt_shipped"])
+def test_training_rejects_damaged_dataset(tmp_path, data_folder, damage, monkeypatch):
+    import shutil
+    if damage == "truncate":
+        raw = tmp_path / "data" / "MNIST" / "raw"
+        shutil.copytree(os.path.join(data_folder, "MNIST", "raw"), raw)
+        with open(raw / "t10k-images-idx3-ubyte", "r+b") as f:
+            f.truncate(1000)
+        result = run("VQ-VAE.py", "--data-folder", "data", *TINY, cwd=tmp_path, check=False)
+        assert_clean_failure(result, "t10k-images-idx3-ubyte", "truncated")
+        assert os.path.getsize(raw / "t10k-images-idx3-ubyte") == 1000  # left for the user to see
+    else:
+        import modules
+        shipped = tmp_path / "shipped"
+        shutil.copytree(modules.SHIPPED_MNIST, shipped)
+        with open(shipped / "train-labels-idx1-ubyte.gz", "r+b") as f:
+            f.seek(100)
+            f.write(b"garbage")
+        monkeypatch.setattr(modules, "SHIPPED_MNIST", str(shipped))
+        with pytest.raises(SystemExit) as exit_info:
+            modules.prepare_mnist(str(tmp_path / "fresh"))
+        assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("case", ["input", "missing", "not_checkpoint", "other_sizes", "filename",
+                                  "empty_filename", "empty_file"])
+def test_generate_rejects_bad_input(trained_run, tmp_path, case):
+    cwd, _ = trained_run
+    model = str(cwd / "models" / "tiny" / "best.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    args, word = {
+        "input": (["--model", model, "--input", "dream"], "--input"),
+        "missing": (["--model", "nope.pt"], "nope.pt"),
+        "not_checkpoint": (["--model", "notes.pt"], "notes.pt"),
+        "empty_file": (["--model", "empty.pt"], "empty.pt"),
+        "other_sizes": (["--model", model, "--k", "64"], "--k"),
+        "filename": (["--model", model, "--filename", "a/b"], "--filename"),
+        "empty_filename": (["--model", model, "--filename", ""], "--filename"),
+    }[case]
+    result = run("generate.py", *args, cwd=tmp_path, check=False)
+    assert_clean_failure(result, word)
+    assert not (tmp_path / "generatedImages").exists()
