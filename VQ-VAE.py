@@ -29,7 +29,7 @@ from modules import (CODEBOOK_INITS, CODEBOOKS, MNISTSplit, ArgumentParser, code
                      make_output_dirs, nonnegative_float, nonnegative_int, positive_float,
                      positive_int, resolve_device, save_checkpoint, vqvae_from_config, vqvae_losses)
 
-# A --resume must agree with the checkpoint on these; the others (epochs, device, ...) may change.
+# A --resume must agree with the checkpoint on these; others (epochs, device, ...) may be changed.
 LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
                     "dead_code_threshold", "batch_size", "lr", "lr_schedule", "beta", "seed",
                     "train_subset", "amp")
@@ -80,13 +80,13 @@ def parse_args(argv=None):
     if args.resume:
         config = load_checkpoint(args.resume, "vqvae", "--resume")["config"] or fail(
             f"--resume {args.resume}: a bare state_dict cannot be resumed; it has no training state")
-        for key, value in config.items():
+        for key, value in config.items():  # flags left at their default take the checkpoint's value
             mine = getattr(args, key, None)
-            if key in LOCKED_ON_RESUME and mine != value and mine != parser.get_default(key):
+            if mine == parser.get_default(key) or key in LOCKED_ON_RESUME and mine == value:
+                setattr(args, key, value)
+            elif key in LOCKED_ON_RESUME:
                 fail(f"--{key.replace('_', '-')} {mine} conflicts with the checkpoint "
                      f"--resume {args.resume}, which was trained with {value}")
-            if key in LOCKED_ON_RESUME or key == "output_folder" and mine == parser.get_default(key):
-                setattr(args, key, value)
     if os.path.isabs(args.output_folder) or ".." in args.output_folder.split(os.sep):
         fail(f"--output-folder {args.output_folder!r}: expected a run name, not a path")
     if args.seed is None:
@@ -199,6 +199,14 @@ def main(args):
                 "rng": {**rng_state(shuffle), "shuffle": shuffle_state},
                 "best_loss": best_loss, "metrics": metrics}
 
+    def save(name, checkpoint):
+        path = os.path.join(model_dir, name)
+        try:
+            save_checkpoint(path, checkpoint)
+        except OSError as e:
+            fail(f"cannot write checkpoint {path}: {e.strerror or e}; the previous {name} is intact",
+                 status=1)
+
     writer = SummaryWriter(log_dir) if rank == 0 else None
     fixed_images, _ = next(test_set.batches(16))
     if writer and not args.resume:
@@ -229,6 +237,7 @@ def main(args):
         first_step = step - len(rows) + 1
         for i, row in enumerate(rows):
             if not all(map(np.isfinite, row[:4])):
+                bar.close()
                 fail(f"loss became {row[0]} at step {first_step + i}; training stopped, the "
                      f"checkpoints already in {model_dir}/ are untouched", status=1)
             if writer:
@@ -266,8 +275,7 @@ def main(args):
                 bar.set_postfix(loss=f"{flush():.4f}")
             if stop_signal:
                 if rank == 0:
-                    save_checkpoint(os.path.join(model_dir, "last.pt"),
-                                    checkpoint_dict(epoch, batch_in_epoch, shuffle_state, None))
+                    save("last.pt", checkpoint_dict(epoch, batch_in_epoch, shuffle_state, None))
                     print(f"\nstopped by signal {stop_signal[0]} at step {step}; resume with:\n"
                           f"  python VQ-VAE.py --resume {model_dir}/last.pt", file=sys.stderr)
                 sys.exit(128 + stop_signal[0])
@@ -301,11 +309,10 @@ def main(args):
         metrics["train_seconds"] = round(train_seconds, 2)
         if metrics["reconstruction"] < best_loss:
             best_loss = metrics["reconstruction"]
-            save_checkpoint(os.path.join(model_dir, "best.pt"),
-                            checkpoint_dict(n, 0, shuffle.get_state(), metrics))
+            save("best.pt", checkpoint_dict(n, 0, shuffle.get_state(), metrics))
         final = checkpoint_dict(n, 0, shuffle.get_state(), metrics)
-        save_checkpoint(os.path.join(model_dir, f"model_{n}.pt"), final)
-        save_checkpoint(os.path.join(model_dir, "last.pt"), final)
+        save(f"model_{n}.pt", final)
+        save("last.pt", final)
         print(f"epoch {n}/{args.num_epochs}  step {step}  test reconstruction "
               f"{metrics['reconstruction']:.5f}  quantization {metrics['quantization']:.5f}  "
               f"codes used {metrics['codes_used']}/{args.k}  perplexity {metrics['perplexity']:.1f}"

@@ -11,9 +11,8 @@ import os
 import torch
 from torchvision.utils import save_image
 
-from modules import (MNISTSplit, ArgumentParser, fail, load_checkpoint, load_state,
-                     make_output_dirs, nonnegative_int, positive_int, resolve_device,
-                     vqvae_from_config)
+from modules import (MNISTSplit, ArgumentParser, fail, load_vqvae, make_output_dirs,
+                     nonnegative_int, positive_int, resolve_device)
 
 
 def build_parser():
@@ -31,22 +30,6 @@ def build_parser():
     return p
 
 
-def load_vqvae(parser, args, device):
-    """The checkpoint's config decides the model; flags that contradict it are an error."""
-    checkpoint = load_checkpoint(args.model, "vqvae")
-    config = checkpoint["config"]
-    if config is None:  # a seed-style bare state_dict: the flags give the sizes
-        config = {"hidden_size": args.hidden_size, "k": args.k}
-    for key in ("hidden_size", "k"):
-        mine = getattr(args, key)
-        if mine != parser.get_default(key) and mine != config[key]:
-            fail(f"--{key.replace('_', '-')} {mine} contradicts --model {args.model}, "
-                 f"which was trained with {config[key]}")
-    model = vqvae_from_config(config)
-    load_state(model, checkpoint["state_dict"], "--model", args.model)
-    return model.to(device).eval()
-
-
 def main():
     parser = build_parser()
     args = parser.parse_args()
@@ -54,7 +37,9 @@ def main():
         fail(f"--filename {args.filename!r}: expected a plain file name without a path separator")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    model = load_vqvae(parser, args, device)
+    given = {key: getattr(args, key) for key in ("hidden_size", "k")
+             if getattr(args, key) != parser.get_default(key)}
+    model, _ = load_vqvae(args.model, device, "--model", given)
     if args.input == "MNIST":
         images, _ = next(MNISTSplit(args.data_folder, False, device, limit=100).batches(100))
     else:

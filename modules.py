@@ -150,6 +150,23 @@ def vqvae_from_config(config):
                               dead_code_threshold=config.get("dead_code_threshold", 0.0))
 
 
+def load_vqvae(path, device, flag="--model", sizes=None):
+    """A VQ-VAE from a checkpoint, in eval mode. The checkpoint's config decides the model; `sizes`
+    ({'hidden_size': D, 'k': K}, from flags the user gave) must agree with it, and build the model
+    for a seed-style bare state_dict, which has no config (seed defaults 40 / 512 where absent)."""
+    checkpoint = load_checkpoint(path, "vqvae", flag)
+    sizes = sizes or {}
+    config = checkpoint["config"] or {"hidden_size": sizes.get("hidden_size", 40),
+                                      "k": sizes.get("k", 512)}
+    for key, value in sizes.items():
+        if value != config[key]:
+            fail(f"--{key.replace('_', '-')} {value} contradicts {flag} {path}, "
+                 f"which was trained with {config[key]}")
+    model = vqvae_from_config(config)
+    load_state(model, checkpoint["state_dict"], flag, path)
+    return model.to(device).eval(), checkpoint
+
+
 # ------------------------------------------------------------------------------------------ data
 MNIST_FILES = {  # decompressed name -> size in bytes (IDX header + payload)
     "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,

@@ -306,3 +306,243 @@ def test_generate_rejects_bad_input(trained_run, tmp_path, case):
     result = run("generate.py", *args, cwd=tmp_path, check=False)
     assert_clean_failure(result, word)
     assert not (tmp_path / "generatedImages").exists()
+
+
+# ------------------------------------------------------------------------------------- codebook
+def test_ema_update_matches_hand_computation():
+    quantizer = VQEmbedding(2, 1, codebook="ema", decay=0.5, eps=1e-5)
+    quantizer.embedding.weight.data = torch.tensor([[0.0], [10.0]])
+    quantizer.embed_avg.copy_(quantizer.embedding.weight.data)
+    z_e_x = torch.tensor([1.0, 2.0, 9.0]).view(1, 1, 1, 3)               # (B, D, H, W)
+    _, _, indices = quantizer.quantize(z_e_x)
+    assert indices.flatten().tolist() == [0, 0, 1]
+    # counts (2, 1), sums (3, 9); both EMA statistics start at (1, 1) and the codebook.
+    cluster_size = 0.5 * torch.tensor([1.0, 1.0]) + 0.5 * torch.tensor([2.0, 1.0])   # (1.5, 1.0)
+    embed_avg = 0.5 * torch.tensor([0.0, 10.0]) + 0.5 * torch.tensor([3.0, 9.0])     # (1.5, 9.5)
+    n = cluster_size.sum()
+    smoothed = (cluster_size + 1e-5) / (n + 2 * 1e-5) * n
+    assert torch.allclose(quantizer.cluster_size, cluster_size)
+    assert torch.allclose(quantizer.embedding.weight.flatten(), embed_avg / smoothed)
+    assert torch.allclose(quantizer.embedding.weight.flatten(), torch.tensor([1.0, 9.5]), atol=1e-4)
+    quantizer.eval()
+    quantizer.quantize(z_e_x * 100)  # eval mode never moves the codebook
+    assert torch.allclose(quantizer.embedding.weight.flatten(), embed_avg / smoothed)
+
+
+@pytest.mark.parametrize("codebook", ["loss", "ema"])
+def test_dead_code_restart_moves_only_dead_codes(codebook):
+    torch.manual_seed(0)
+    quantizer = VQEmbedding(4, 2, codebook=codebook, decay=0.5, dead_code_threshold=0.6)
+    live = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    quantizer.embedding.weight.data = torch.cat([live, torch.tensor([[100.0, 100], [-100, -100]])])
+    quantizer.embed_avg.copy_(quantizer.embedding.weight.data)
+    z_e_x = torch.tensor([[0.1, 0.0], [0.0, 0.1], [0.9, 1.0], [1.0, 0.9]]).t().reshape(1, 2, 2, 2)
+    quantizer.quantize(z_e_x)
+    weight = quantizer.embedding.weight.detach()
+    outputs = z_e_x.permute(0, 2, 3, 1).reshape(-1, 2)
+    for code in (2, 3):  # never used: EMA usage 0.5 < 0.6, re-seeded onto an encoder output
+        assert (weight[code] == outputs).all(1).any(), weight[code]
+    if codebook == "loss":
+        assert torch.equal(weight[:2], live)  # live codes are left alone
+    else:
+        assert (weight[:2] - live).abs().max() < 0.1  # live codes only took their EMA step
+    assert (quantizer.cluster_size >= 0.6).all()
+
+
+def test_kmeans_init_beats_uniform(data_folder):
+    torch.manual_seed(0)
+    model = VectorQuantizedVAE(1, 16, 64)
+    images, _ = next(MNISTSplit(data_folder, True, "cpu", limit=256).batches(256))
+    with torch.no_grad():
+        flat = model.encoder(images).permute(0, 2, 3, 1).reshape(-1, 16)
+
+    def error(codebook):
+        return (flat - codebook[vq(flat, codebook)]).pow(2).sum(1).mean().item()
+    uniform = model.codeBook.embedding.weight.detach()
+    assert error(kmeans(flat, 64)) < 0.5 * error(uniform)
+    quantizer = VQEmbedding(64, 16, init="kmeans")
+    assert not bool(quantizer.initialized)
+    quantizer.quantize(flat.t().reshape(1, 16, -1, 1))
+    assert bool(quantizer.initialized)
+    assert error(quantizer.embedding.weight.detach()) < 0.5 * error(uniform)
+
+
+def test_seed_makes_runs_identical(trained_run, tmp_path, data_folder):
+    cwd, _ = trained_run
+    run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder, "--num-epochs", "2",
+        *TINY, cwd=tmp_path)
+    assert_same_weights(cwd / "models" / "tiny" / "last.pt", tmp_path / "models" / "tiny" / "last.pt")
+
+
+def assert_same_weights(path_a, path_b):
+    a = torch.load(path_a, weights_only=True)
+    b = torch.load(path_b, weights_only=True)
+    assert a["step"] == b["step"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+
+
+def test_seed_configuration_still_trains(tmp_path, data_folder):
+    result = run("VQ-VAE.py", "--output-folder", "seedcfg", "--data-folder", data_folder,
+                 "--codebook", "loss", "--codebook-init", "uniform", "--dead-code-threshold", "0",
+                 "--num-epochs", "1", *TINY, cwd=tmp_path)
+    config = torch.load(tmp_path / "models" / "seedcfg" / "best.pt", weights_only=True)["config"]
+    assert (config["codebook"], config["codebook_init"], config["dead_code_threshold"]) == \
+        ("loss", "uniform", 0.0)
+    assert "codes used" in result.stdout
+
+
+def test_evaluate_prints_all_fields(trained_run, data_folder):
+    import json
+    cwd, _ = trained_run
+    result = run("evaluate.py", "--model", "models/tiny/best.pt", "--data-folder", data_folder,
+                 "--test-subset", "256", cwd=cwd)
+    for field in ("test MSE", "PSNR", "codes used", "perplexity", "bits per code map"):
+        assert field in result.stdout
+    result = run("evaluate.py", "--model", "models/tiny/best.pt", "--data-folder", data_folder,
+                 "--test-subset", "256", "--json", cwd=cwd)
+    metrics = json.loads(result.stdout)
+    saved = torch.load(cwd / "models" / "tiny" / "best.pt", weights_only=True)["metrics"]
+    assert metrics["test_mse"] == pytest.approx(saved["reconstruction"], rel=1e-5)
+    assert metrics["psnr_db"] == pytest.approx(10 * np.log10(4 / metrics["test_mse"]))
+    assert metrics["bits_per_map_uniform"] == pytest.approx(49 * 5)  # K = 32
+    assert 1 <= metrics["perplexity"] <= metrics["codes_used"] <= 32
+
+
+# ---------------------------------------------------------------------------------- reliability
+def test_resume_after_an_epoch_is_bit_identical(trained_run, tmp_path, data_folder):
+    cwd, _ = trained_run
+    run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder, "--num-epochs", "1",
+        *TINY, cwd=tmp_path)
+    run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--num-epochs", "2",
+        "--data-folder", data_folder, cwd=tmp_path)
+    assert_same_weights(cwd / "models" / "tiny" / "last.pt", tmp_path / "models" / "tiny" / "last.pt")
+    assert sorted(os.listdir(tmp_path / "models" / "tiny")) == \
+        ["best.pt", "last.pt", "model_1.pt", "model_2.pt"]
+
+
+@pytest.mark.parametrize("signum", [2, 15])  # SIGINT (Ctrl-C), SIGTERM
+def test_signal_saves_last_and_resume_is_bit_identical(tmp_path, data_folder, signum):
+    import signal as signal_module
+    args = ["--data-folder", data_folder, "--num-epochs", "2", *TINY, "--train-subset", "4096"]
+    run("VQ-VAE.py", "--output-folder", "whole", *args, cwd=tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "VQ-VAE.py"), "--output-folder",
+                                "cut", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    assert process.stdout.readline().startswith("training")
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    assert "--resume models/cut/last.pt" in stderr
+    cut = torch.load(tmp_path / "models" / "cut" / "last.pt", weights_only=True)
+    assert 0 < cut["step"] < 128  # stopped mid-run, after finishing a step
+    run("VQ-VAE.py", "--resume", "models/cut/last.pt", "--data-folder", data_folder, cwd=tmp_path)
+    assert_same_weights(tmp_path / "models" / "whole" / "last.pt",
+                        tmp_path / "models" / "cut" / "last.pt")
+
+
+def test_nan_loss_stops_training_and_keeps_checkpoints(trained_run, data_folder):
+    cwd, _ = trained_run
+    before = (cwd / "models" / "tiny" / "last.pt").read_bytes()
+    result = run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--num-epochs", "3",
+                 "--data-folder", data_folder, "--log-every", "4", "--lr", "1e30", cwd=cwd,
+                 check=False)
+    assert result.returncode == 2 and "--lr" in result.stderr  # a resume cannot change the lr
+    result = run("VQ-VAE.py", "--output-folder", "nan", "--data-folder", data_folder,
+                 "--lr", "1e30", "--log-every", "4", "--num-epochs", "1", *TINY, cwd=cwd, check=False)
+    assert result.returncode == 1
+    assert "loss became nan at step" in result.stderr and "Traceback" not in result.stderr
+    assert not os.listdir(cwd / "models" / "nan")
+    assert (cwd / "models" / "tiny" / "last.pt").read_bytes() == before
+
+
+def test_existing_run_is_not_overwritten(trained_run, data_folder):
+    cwd, _ = trained_run
+    before = (cwd / "models" / "tiny" / "best.pt").read_bytes()
+    result = run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder, *TINY,
+                 cwd=cwd, check=False)
+    assert_clean_failure(result, "--overwrite", "--resume")
+    assert (cwd / "models" / "tiny" / "best.pt").read_bytes() == before
+
+
+def test_resume_rejects_conflicting_config(trained_run, data_folder):
+    cwd, _ = trained_run
+    result = run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--k", "64",
+                 "--data-folder", data_folder, cwd=cwd, check=False)
+    assert_clean_failure(result, "--k 64", "32")
+
+
+class CodeRunningPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "config": CodeRunningPayload(marker)}, tmp_path / "evil.pt")
+    result = run("generate.py", "--model", "evil.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "evil.pt", "weights_only")
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_script_is_refused_by_name(tmp_path):
+    save_checkpoint(str(tmp_path / "prior.pt"), {"kind": "prior", "state_dict": {}, "config": {}})
+    result = run("generate.py", "--model", "prior.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "prior checkpoint", "pixelcnn_prior.py")
+
+
+@pytest.mark.parametrize("size", [0, 100])
+def test_empty_or_truncated_checkpoint_is_refused(trained_run, tmp_path, size):
+    cwd, _ = trained_run
+    data = (cwd / "models" / "tiny" / "best.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:size])
+    result = run("evaluate.py", "--model", "cut.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "cut.pt")
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(path, {"kind": "vqvae", "state_dict": {"w": torch.ones(3)}, "config": {}})
+
+    def full_disk_save(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"kind": "vqvae", "state_dict": {"w": torch.zeros(3)}, "config": {}})
+    assert os.listdir(tmp_path) == ["last.pt"]
+    assert torch.equal(load_checkpoint(path, "vqvae")["state_dict"]["w"], torch.ones(3))
+
+
+def test_tensorboard_server_serves_the_logs(trained_run):
+    import json
+    import socket
+    import time
+    import urllib.parse
+    import urllib.request
+    cwd, _ = trained_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir",
+                               str(cwd / "logs" / "tiny"), "--host", "127.0.0.1", "--port",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    query = urllib.parse.urlencode({"run": ".", "tag": "loss/testing_loss"})
+    url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}"
+    try:
+        deadline, points = time.time() + 90, None
+        while time.time() < deadline and not points:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    points = json.loads(response.read())
+            except OSError:
+                time.sleep(1)
+        assert points and [p[1] for p in points] == [1, 2]  # (wall time, step, value) per epoch
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
