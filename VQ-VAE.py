@@ -25,9 +25,9 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from modules import (CODEBOOK_INITS, CODEBOOKS, MNISTSplit, ArgumentParser, code_usage,
-                     decay_float, evaluate_vqvae, fail, load_checkpoint, load_state,
+                     decay_float, evaluate_vqvae, fail, load_checkpoint, load_state, make_optimizer,
                      make_output_dirs, nonnegative_float, nonnegative_int, positive_float,
-                     positive_int, resolve_device, save_checkpoint, vqvae_from_config, vqvae_losses)
+                     positive_int, resolve_device, save_checkpoint, train_step, vqvae_from_config)
 
 # A --resume must agree with the checkpoint on these; others (epochs, device, ...) may be changed.
 LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
@@ -165,8 +165,7 @@ def main(args):
     if world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     learned_codebook = args.codebook == "loss"
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                 fused=device.type == "cuda")
+    optimizer = make_optimizer(model, args.lr, device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     total_steps = min(args.num_epochs * steps_per_epoch, args.max_steps or float("inf"))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1)) \
@@ -257,17 +256,12 @@ def main(args):
                    total=steps_per_epoch, initial=batch_in_epoch, disable=rank != 0,
                    desc=f"epoch {epoch + 1}/{args.num_epochs}", leave=False, dynamic_ncols=True)
         for images, _ in bar:
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                loss, reconstruction_loss, codebook_loss, commitment_loss, indices = \
-                    vqvae_losses(model, images, args.beta, learned_codebook)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, reconstruction_loss, codebook_loss, commitment_loss, indices = \
+                train_step(model, optimizer, images, args.beta, learned_codebook, args.amp)
             if scheduler:
                 scheduler.step()
             _, perplexity, used = code_usage(indices, args.k)
-            pending.append(torch.stack([loss.detach(), reconstruction_loss.detach(),
-                                        codebook_loss.detach(), commitment_loss.detach(),
+            pending.append(torch.stack([loss, reconstruction_loss, codebook_loss, commitment_loss,
                                         perplexity, used.float()]))
             step += 1
             batch_in_epoch += 1

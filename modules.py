@@ -104,6 +104,22 @@ def vqvae_losses(model, images, beta, learned_codebook=True):
     return loss, reconstruction_loss, codebook_loss, commitment_loss, indices
 
 
+def make_optimizer(model, lr, device):
+    """Adam over the trainable parameters (an EMA codebook is not one); fused kernels on CUDA."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            fused=torch.device(device).type == "cuda")
+
+
+def train_step(model, optimizer, images, beta, learned_codebook, amp=False):
+    """One optimisation step (bf16 autocast when `amp`) -> the `vqvae_losses` tuple, detached."""
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
+        losses = vqvae_losses(model, images, beta, learned_codebook)
+    optimizer.zero_grad(set_to_none=True)
+    losses[0].backward()
+    optimizer.step()
+    return tuple(t.detach() for t in losses)
+
+
 def code_usage(indices, K):
     """indices (any shape) -> (counts (K,), perplexity, codes used), all device tensors.
     Perplexity exp(H(p)) of the code histogram: K when all codes are equally used, 1 at collapse."""

@@ -1,0 +1,107 @@
+"""Time the seed-style training pipeline against the fast path, same model, same process.
+
+    python benchmark.py                          # CPU, batch 128
+    python benchmark.py --device cuda --compile --amp --json
+    python benchmark.py --full-run               # also time a whole 10-epoch VQ-VAE.py run
+
+(a) seed-style: torchvision Dataset/DataLoader (PIL decode, ToTensor, Normalize, workers), fp32, eager.
+(b) fast path:  the split as uint8 on the device, shuffled there; --amp and --compile when given.
+Each is warmed up, then timed over --steps training steps including fetching the batches.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from modules import (MNISTSplit, ArgumentParser, make_optimizer, nonnegative_int, positive_int,
+                     resolve_device, train_step, vqvae_from_config)
+
+CONFIG = {"hidden_size": 40, "k": 512, "codebook": "ema", "codebook_init": "kmeans",
+          "ema_decay": 0.99, "dead_code_threshold": 1.0}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_pipeline(args, device, pipeline, amp, compile_model):
+    """-> milliseconds per training step, data loading included."""
+    torch.manual_seed(0)
+    split = MNISTSplit(args.data_folder, True, device, pipeline, args.num_workers)
+    model = vqvae_from_config(CONFIG).to(device)
+    optimizer = make_optimizer(model, 2e-4, device)
+    if compile_model:
+        model = torch.compile(model)
+    batches = split.batches(args.batch_size, torch.randperm(len(split)))
+    for _ in range(args.warmup):
+        train_step(model, optimizer, next(batches)[0], 1.0, False, amp)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(model, optimizer, next(batches)[0], 1.0, False, amp)
+    synchronize(device)
+    return (time.perf_counter() - started) / args.steps * 1000
+
+
+def time_full_run(args):
+    """Wall time of `VQ-VAE.py` at its defaults (10 epochs, per-epoch evaluation) on the fast path."""
+    flags = ["--device", args.device, "--data-folder", os.path.abspath(args.data_folder),
+             "--seed", "0", "--output-folder", "benchmark"]
+    flags += ["--amp"] * args.amp + ["--compile"] * args.compile
+    with tempfile.TemporaryDirectory() as cwd:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "VQ-VAE.py"),
+                        *flags], cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+
+def main():
+    p = ArgumentParser(prog="benchmark.py", description="Seed pipeline vs fast path, ms per step.")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--steps", type=positive_int, default=30)
+    p.add_argument("--warmup", type=positive_int, default=5)
+    p.add_argument("--num-workers", type=nonnegative_int, default=max(os.cpu_count() - 1, 0))
+    p.add_argument("--data-folder", default="data")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on the fast path")
+    p.add_argument("--compile", action="store_true", help="torch.compile on the fast path")
+    p.add_argument("--full-run", action="store_true", help="also time a whole 10-epoch run")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    steps_per_epoch = -(-60000 // args.batch_size)
+    rows = {"seed-style (torchvision, fp32, eager)": time_pipeline(args, device, "torchvision",
+                                                                   False, False),
+            f"fast path (device{', bf16' * args.amp}{', compile' * args.compile})":
+                time_pipeline(args, device, "device", args.amp, args.compile)}
+    result = {"device": str(device), "gpu": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else None, "torch": torch.__version__,
+              "batch_size": args.batch_size,
+              "rows": [{"pipeline": name, "ms_per_step": ms,
+                        "images_per_s": args.batch_size / ms * 1000,
+                        "s_per_epoch": ms * steps_per_epoch / 1000} for name, ms in rows.items()]}
+    seed_ms, fast_ms = rows.values()
+    result["speedup"] = seed_ms / fast_ms
+    if args.full_run:
+        result["full_run_s"] = time_full_run(args)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"device {result['device']} {result['gpu'] or ''}  torch {result['torch']}  "
+          f"batch {args.batch_size}")
+    print(f"{'pipeline':44s} {'ms/step':>8s} {'images/s':>9s} {'s/epoch':>8s}")
+    for row in result["rows"]:
+        print(f"{row['pipeline']:44s} {row['ms_per_step']:8.1f} {row['images_per_s']:9.0f} "
+              f"{row['s_per_epoch']:8.1f}")
+    print(f"speed-up of the fast path: {result['speedup']:.2f}x")
+    if args.full_run:
+        print(f"whole default run (10 epochs + per-epoch evaluation): {result['full_run_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
