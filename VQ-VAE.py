@@ -8,7 +8,6 @@
 Writes TensorBoard logs to logs/<output-folder>/ and checkpoints to models/<output-folder>/:
 best.pt (lowest test reconstruction loss), model_<epoch>.pt and last.pt (everything needed to resume).
 """
-import glob
 import multiprocessing as mp
 import os
 import random
@@ -26,8 +25,9 @@ from tqdm import tqdm
 
 from modules import (CODEBOOK_INITS, CODEBOOKS, MNISTSplit, ArgumentParser, code_usage,
                      decay_float, evaluate_vqvae, fail, load_checkpoint, load_state, make_optimizer,
-                     make_output_dirs, nonnegative_float, nonnegative_int, positive_float,
-                     positive_int, resolve_device, save_checkpoint, train_step, vqvae_from_config)
+                     nonnegative_float, nonnegative_int, positive_float, positive_int,
+                     prepare_run_folders, resolve_device, rng_state, save_checkpoint,
+                     seed_everything, set_rng_state, train_step, vqvae_from_config)
 
 # A --resume must agree with the checkpoint on these; others (epochs, device, ...) may be changed.
 LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
@@ -94,24 +94,6 @@ def parse_args(argv=None):
     return args
 
 
-def rng_state(shuffle):
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
-
-
-def set_rng_state(state, shuffle):
-    torch.set_rng_state(state["torch"])
-    shuffle.set_state(state["shuffle"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-
-
 def setup_distributed(device):
     """torchrun sets WORLD_SIZE/RANK: join the process group (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -125,22 +107,6 @@ def setup_distributed(device):
     return rank, world_size, device
 
 
-def prepare_run_folders(args, rank):
-    log_dir = os.path.join("logs", args.output_folder)
-    model_dir = os.path.join("models", args.output_folder)
-    if rank != 0:
-        return log_dir, model_dir
-    earlier = glob.glob(os.path.join(model_dir, "*.pt"))
-    if earlier and not args.resume and not args.overwrite:
-        fail(f"models/{args.output_folder}/ already holds checkpoints of an earlier run; pass "
-             f"--resume {model_dir}/last.pt to continue it or --overwrite to start over")
-    make_output_dirs(log_dir, model_dir)
-    if args.overwrite and not args.resume:
-        for path in earlier + glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
-            os.remove(path)
-    return log_dir, model_dir
-
-
 def image_grid(images):
     return make_grid(images.float().cpu(), nrow=8, value_range=(-1, 1), normalize=True)
 
@@ -150,11 +116,8 @@ def main(args):
     rank, world_size, device = setup_distributed(device)
     if args.batch_size % world_size:
         fail(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
-    log_dir, model_dir = prepare_run_folders(args, rank)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
-    shuffle = torch.Generator().manual_seed(args.seed)
+    log_dir, model_dir = prepare_run_folders(args.output_folder, args.resume, args.overwrite, rank)
+    shuffle = seed_everything(args.seed)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
 
     train_set = MNISTSplit(args.data_folder, True, device, args.data_pipeline, args.num_workers,

@@ -1,24 +1,30 @@
-"""Draw a 10x10 grid of images from a trained VQ-VAE checkpoint.
+"""Draw a 10x10 grid of images from a trained VQ-VAE checkpoint (and a prior over its codes).
 
     python generate.py --model models/pretrained/vqvae_mnist.pt --input MNIST --filename recon
     python generate.py --model models/pretrained/vqvae_mnist.pt --input random --filename noise
+    python generate.py --model models/pretrained/vqvae_mnist.pt --input prior \\
+        --prior-model models/pretrained/prior_mnist.pt --filename digits [--digit 3] [--temperature 0.8]
 
 --input MNIST reconstructs the first 100 test images; --input random passes unit-Gaussian noise images
-through the autoencoder, as the seed repo did. The grid goes to generatedImages/<filename>.png.
+through the autoencoder, as the seed repo did; --input prior samples code maps from the Gated PixelCNN
+prior, row i of the grid holding digit i (or all --digit), and decodes them. The grid goes to
+generatedImages/<filename>.png. With --num-samples N --samples-out FILE.pt, N prior samples (digit
+n % 10 for sample n, or --digit) are also written as a uint8 tensor (N, 1, 28, 28).
 """
 import os
 
 import torch
 from torchvision.utils import save_image
 
-from modules import (MNISTSplit, ArgumentParser, fail, load_vqvae, make_output_dirs,
-                     nonnegative_int, positive_int, resolve_device)
+from modules import (MNISTSplit, ArgumentParser, fail, load_prior, load_vqvae, make_output_dirs,
+                     nonnegative_int, positive_float, positive_int, resolve_device,
+                     save_checkpoint, to_uint8)
 
 
 def build_parser():
     p = ArgumentParser(prog="generate.py", description="Draw a 10x10 image grid from a checkpoint.")
     p.add_argument("--model", required=True, help="VQ-VAE checkpoint (.pt)")
-    p.add_argument("--input", choices=("MNIST", "random"), default="MNIST")
+    p.add_argument("--input", choices=("MNIST", "random", "prior"), default="MNIST")
     p.add_argument("--device", default="cpu")
     p.add_argument("--hidden-size", "--hidden-size-vae", dest="hidden_size", type=positive_int,
                    default=40, help="only for seed-style checkpoints without a config")
@@ -27,7 +33,19 @@ def build_parser():
     p.add_argument("--filename", default="generated", help="writes generatedImages/<filename>.png")
     p.add_argument("--data-folder", default="data", help="for --input MNIST")
     p.add_argument("--seed", type=nonnegative_int, default=0)
+    g = p.add_argument_group("prior (--input prior)")
+    g.add_argument("--prior-model", help="checkpoint written by pixelcnn_prior.py")
+    g.add_argument("--digit", type=int, choices=range(10), metavar="{0..9}", default=None)
+    g.add_argument("--temperature", type=positive_float, default=1.0)
+    g.add_argument("--num-samples", type=positive_int, default=None)
+    g.add_argument("--samples-out", default=None, help="FILE.pt for the --num-samples samples")
     return p
+
+
+def sample_prior(prior, vqvae, labels, temperature, batch_size=1000):
+    """labels (N,) -> decoded images (N, 1, 28, 28) in [-1, 1]."""
+    return torch.cat([vqvae.decode(prior.sample(y, temperature=temperature))
+                      for y in labels.split(batch_size)])
 
 
 def main():
@@ -35,21 +53,42 @@ def main():
     args = parser.parse_args()
     if not args.filename or os.sep in args.filename or (os.altsep and os.altsep in args.filename):
         fail(f"--filename {args.filename!r}: expected a plain file name without a path separator")
+    if args.input == "prior" and not args.prior_model:
+        fail("--input prior needs --prior-model, a checkpoint written by pixelcnn_prior.py")
+    if (args.num_samples is None) != (args.samples_out is None) or \
+            args.num_samples and args.input != "prior":
+        fail("--num-samples and --samples-out go together, with --input prior")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     given = {key: getattr(args, key) for key in ("hidden_size", "k")
              if getattr(args, key) != parser.get_default(key)}
     model, _ = load_vqvae(args.model, device, "--model", given)
-    if args.input == "MNIST":
-        images, _ = next(MNISTSplit(args.data_folder, False, device, limit=100).batches(100))
-    else:
-        images = torch.normal(mean=0.5, std=0.5, size=(100, 1, 28, 28)).to(device)
+    prior = load_prior(args.prior_model, device, model.codeBook.K) if args.input == "prior" else None
+
+    def digits(n):
+        labels = torch.arange(n, device=device) % 10 if args.digit is None else \
+            torch.full((n,), args.digit, device=device)
+        return labels
+
     with torch.no_grad():
-        generated = model(images)[0]
+        if args.input == "MNIST":
+            images, _ = next(MNISTSplit(args.data_folder, False, device, limit=100).batches(100))
+            generated = model(images)[0]
+        elif args.input == "random":
+            generated = model(torch.normal(0.5, 0.5, size=(100, 1, 28, 28)).to(device))[0]
+        else:  # row i holds digit i: sample n has digit n // 10 in the grid
+            generated = sample_prior(prior, model, digits(100).view(10, 10).t().flatten(),
+                                     args.temperature)
+        if args.num_samples:
+            samples = to_uint8(sample_prior(prior, model, digits(args.num_samples),
+                                            args.temperature)).cpu()
     make_output_dirs("generatedImages")
     path = os.path.join("generatedImages", f"{args.filename}.png")
     save_image(generated.cpu(), path, nrow=10, normalize=True, value_range=(-1, 1))
     print(f"wrote {path}")
+    if args.num_samples:
+        save_checkpoint(args.samples_out, samples)
+        print(f"wrote {args.samples_out}: {tuple(samples.shape)} uint8")
 
 
 if __name__ == "__main__":

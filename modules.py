@@ -5,13 +5,16 @@ Model shapes (B images, D = --hidden-size, K = --k):
     -> z_q_x (B, D, 7, 7) -> decoder -> x_tilde (B, 1, 28, 28) in [-1, 1]
 """
 import argparse
+import glob
 import gzip
 import hashlib
 import math
 import os
 import pickle
+import random
 import sys
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -181,6 +184,152 @@ def load_vqvae(path, device, flag="--model", sizes=None):
     model = vqvae_from_config(config)
     load_state(model, checkpoint["state_dict"], flag, path)
     return model.to(device).eval(), checkpoint
+
+
+# ------------------------------------------------------------------------------ prior over codes
+class GatedMaskedConv2d(nn.Module):
+    """One Gated PixelCNN layer (van den Oord et al. 2016, "Conditional Image Generation with
+    PixelCNN Decoders", figure 2): a vertical stack that sees only the rows above and a horizontal
+    stack that sees the pixels to the left in the current row, tanh * sigmoid gates, and the class
+    embedding added to both gates (eq. 4). Splitting the stacks removes the PixelCNN blind spot.
+
+    Shapes: x_v, x_h (B, C, H, W) -> (B, C, H, W), (B, C, H, W); class_bias (B, 2C).
+    """
+
+    def __init__(self, dim, kernel, first):
+        super().__init__()
+        self.first = first  # mask 'A': the current position itself is hidden
+        half = kernel // 2
+        # Vertical: kernel (half + 1, kernel) padded by `half` on top; cropping to H output rows
+        # makes row i see rows i - half .. i of the layer below.
+        self.vertical = nn.Conv2d(dim, 2 * dim, (half + 1, kernel), padding=(half, half))
+        self.vertical_to_horizontal = nn.Conv2d(2 * dim, 2 * dim, 1)
+        # Horizontal: kernel (1, half + 1), column j sees columns j - half .. j.
+        self.horizontal = nn.Conv2d(dim, 2 * dim, (1, half + 1), padding=(0, half))
+        self.horizontal_out = nn.Conv2d(dim, dim, 1)
+        if first:  # hide row i from the vertical stack and column j from the horizontal one
+            self.vertical.weight.data[:, :, -1].zero_()
+            self.horizontal.weight.data[:, :, :, -1].zero_()
+            self.vertical.weight.register_hook(lambda g: g.index_fill(2, torch.tensor([half]), 0))
+            self.horizontal.weight.register_hook(lambda g: g.index_fill(3, torch.tensor([half]), 0))
+
+    @staticmethod
+    def gate(x):
+        a, b = x.chunk(2, dim=1)
+        return torch.tanh(a) * torch.sigmoid(b)
+
+    def vertical_step(self, x_v, bias):
+        """x_v (B, C, H, W) -> pre-gate h_vertical (B, 2C, H, W), gated out_v (B, C, H, W)."""
+        h_vertical = self.vertical(x_v)[:, :, :x_v.size(2), :]
+        return h_vertical, self.gate(h_vertical + bias)
+
+    def horizontal_step(self, h_vertical, x_h, bias):
+        """x_h (B, C, H', W) with the matching rows of h_vertical -> out_h (B, C, H', W)."""
+        h_horizontal = self.horizontal(x_h)[:, :, :, :x_h.size(3)]
+        out = self.gate(self.vertical_to_horizontal(h_vertical) + h_horizontal + bias)
+        out_h = self.horizontal_out(out)
+        return out_h if self.first else out_h + x_h
+
+    def forward(self, x_v, x_h, class_bias):
+        bias = class_bias[:, :, None, None]
+        h_vertical, out_v = self.vertical_step(x_v, bias)
+        return out_v, self.horizontal_step(h_vertical, x_h, bias)
+
+
+class GatedPixelCNN(nn.Module):
+    """Class-conditional autoregressive prior p(codes | digit) over (H, W) maps of K-way codes.
+
+    codes (B, H, W) int64, labels (B,) -> logits (B, K, H, W); the logits at (i, j) depend only on
+    the codes before (i, j) in raster order."""
+
+    def __init__(self, K=512, dim=64, num_layers=12, num_classes=10):
+        super().__init__()
+        self.K = K
+        self.embedding = nn.Embedding(K, dim)
+        self.class_embedding = nn.Embedding(num_classes, 2 * dim * num_layers)
+        self.layers = nn.ModuleList(
+            GatedMaskedConv2d(dim, 7 if i == 0 else 3, first=i == 0) for i in range(num_layers))
+        self.output = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, 4 * dim, 1), nn.ReLU(),
+                                    nn.Conv2d(4 * dim, K, 1))
+
+    def forward(self, codes, labels):
+        return self.output(self.stacks(codes, labels))
+
+    def stacks(self, codes, labels):
+        """codes (B, H, W), labels (B,) -> features (B, dim, H, W) before the output head."""
+        return self.stacks_embedded(self.embedding(codes).permute(0, 3, 1, 2), labels)
+
+    def stacks_embedded(self, x, labels):
+        """x (B, dim, H, W) embedded codes -> features (B, dim, H, W)."""
+        biases = self.class_embedding(labels).chunk(len(self.layers), dim=1)
+        x_v = x_h = x
+        for layer, bias in zip(self.layers, biases):
+            x_v, x_h = layer(x_v, x_h, bias)
+        return x_h
+
+    @torch.no_grad()
+    def sample(self, labels, shape=(7, 7), temperature=1.0, generator=None):
+        """labels (B,) -> codes (B, H, W), one position at a time in raster order.
+
+        The vertical stacks at row i see only rows < i, so they run once per row; within the row
+        only the horizontal stacks of that one row (B, C, 1, W) run again for each position."""
+        codes = torch.zeros(len(labels), *shape, dtype=torch.long, device=labels.device)
+        biases = [b[:, :, None, None] for b in
+                  self.class_embedding(labels).chunk(len(self.layers), dim=1)]
+        for i in range(shape[0]):
+            x_v = self.embedding(codes[:, :i + 1]).permute(0, 3, 1, 2)    # (B, dim, i+1, W)
+            vertical_rows = []
+            for layer, bias in zip(self.layers, biases):
+                h_vertical, x_v = layer.vertical_step(x_v, bias)
+                vertical_rows.append(h_vertical[:, :, i:i + 1])           # (B, 2 dim, 1, W)
+            for j in range(shape[1]):
+                x_h = self.embedding(codes[:, i:i + 1]).permute(0, 3, 1, 2)  # (B, dim, 1, W)
+                for layer, bias, h_vertical in zip(self.layers, biases, vertical_rows):
+                    x_h = layer.horizontal_step(h_vertical, x_h, bias)
+                logits = self.output(x_h[:, :, :, j:j + 1])[:, :, 0, 0].float()   # (B, K)
+                probs = torch.softmax(logits / temperature, 1)
+                codes[:, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return codes
+
+
+def load_prior(path, device, K):
+    """A prior checkpoint of pixelcnn_prior.py, in eval mode; it must model codes of K entries."""
+    checkpoint = load_checkpoint(path, "prior", "--prior-model")
+    config = checkpoint["config"]
+    if config["k"] != K:
+        fail(f"--prior-model {path} was built for a codebook of K={config['k']}, but the VQ-VAE "
+             f"has K={K}")
+    prior = GatedPixelCNN(config["k"], config["hidden_size"], config["num_layers"])
+    load_state(prior, checkpoint["state_dict"], "--prior-model", path)
+    return prior.to(device).eval()
+
+
+def to_uint8(images):
+    """images in [-1, 1] -> uint8 pixels in [0, 255]."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# ------------------------------------------------------------------------- classifier (the judge)
+class MNISTClassifier(nn.Module):
+    """Small CNN judge of generated digits: images (B, 1, 28, 28) in [-1, 1] -> logits (B, 10);
+    `features` gives the 128-d penultimate activations used for Frechet distances."""
+
+    num_features = 128
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 3 * 3, self.num_features), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.num_features, 10))
+
+    def features(self, images):
+        return self.body(images)
+
+    def forward(self, images):
+        return self.head(self.body(images))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -394,6 +543,51 @@ def resolve_device(name):
     if device.index is not None and device.index >= torch.cuda.device_count():
         fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
+
+
+def prepare_run_folders(name, resume, overwrite, rank=0):
+    """logs/<name> and models/<name>, created by rank 0. An earlier run's checkpoints are never
+    silently replaced: that needs --resume (continue it) or --overwrite (delete it first)."""
+    log_dir, model_dir = os.path.join("logs", name), os.path.join("models", name)
+    if rank != 0:
+        return log_dir, model_dir
+    earlier = glob.glob(os.path.join(model_dir, "*.pt"))
+    if earlier and not resume and not overwrite:
+        fail(f"{model_dir}/ already holds checkpoints of an earlier run; pass "
+             f"--resume {model_dir}/last.pt to continue it or --overwrite to start over")
+    make_output_dirs(log_dir, model_dir)
+    if overwrite and not resume:
+        for path in earlier + glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+            os.remove(path)
+    return log_dir, model_dir
+
+
+def rng_state(shuffle):
+    """Every random state a run draws from (torch, CUDA, numpy, python, the shuffling generator),
+    as tensors and plain values so that weights_only loading reads it back."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(state, shuffle):
+    torch.set_rng_state(state["torch"])
+    shuffle.set_state(state["shuffle"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+
+
+def seed_everything(seed):
+    """Seed torch, numpy and python; returns the generator that shuffles the training data."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def make_output_dirs(*paths):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modules import (MNISTSplit, VectorQuantizedVAE, evaluate_vqvae, load_checkpoint,
+from modules import (MNISTSplit, VectorQuantizedVAE, load_checkpoint,
                      save_checkpoint, vqvae_from_config, vqvae_losses)
 from vector_quantizer import VQEmbedding, kmeans, vq, vq_st
 
@@ -423,7 +423,6 @@ def test_resume_after_an_epoch_is_bit_identical(trained_run, tmp_path, data_fold
 
 @pytest.mark.parametrize("signum", [2, 15])  # SIGINT (Ctrl-C), SIGTERM
 def test_signal_saves_last_and_resume_is_bit_identical(tmp_path, data_folder, signum):
-    import signal as signal_module
     args = ["--data-folder", data_folder, "--num-epochs", "2", *TINY, "--train-subset", "4096"]
     run("VQ-VAE.py", "--output-folder", "whole", *args, cwd=tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

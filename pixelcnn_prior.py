@@ -1,0 +1,143 @@
+"""Train a class-conditional Gated PixelCNN prior over the 7x7 code maps of a trained VQ-VAE.
+
+    python pixelcnn_prior.py --vqvae-model models/pretrained/vqvae_mnist.pt --output-folder prior
+    python generate.py --model models/pretrained/vqvae_mnist.pt --input prior \\
+        --prior-model models/prior/best.pt --filename prior_samples
+
+The codes of the training and test sets are extracted once, on the chosen device. The loss is the
+negative log-likelihood of the code maps: reported in nats per code map (49 codes) and bits per code.
+Writes logs/<output-folder>/ and models/<output-folder>/{best,last}.pt (kind 'prior').
+"""
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from modules import (GatedPixelCNN, MNISTSplit, ArgumentParser, fail, load_checkpoint,
+                     load_state, load_vqvae, nonnegative_int, positive_float, positive_int,
+                     prepare_run_folders, resolve_device, rng_state, save_checkpoint,
+                     seed_everything, set_rng_state)
+
+LOCKED_ON_RESUME = ("num_layers", "hidden_size", "batch_size", "lr", "seed", "train_subset")
+
+
+@torch.no_grad()
+def extract_codes(vqvae, split):
+    """-> codes (N, 7, 7) int64 and labels (N,), both on the split's device."""
+    codes, labels = zip(*[(vqvae.encode(images), y) for images, y in split.batches(1000)])
+    return torch.cat(codes), torch.cat(labels)
+
+
+@torch.no_grad()
+def test_nll(prior, codes, labels, batch_size=1000):
+    """Mean negative log-likelihood in nats per code."""
+    prior.eval()
+    total = sum(F.cross_entropy(prior(c, y), c, reduction="sum")
+                for c, y in zip(codes.split(batch_size), labels.split(batch_size)))
+    prior.train()
+    return total.item() / codes.numel()
+
+
+def build_parser():
+    p = ArgumentParser(prog="pixelcnn_prior.py", description="Train a Gated PixelCNN code prior.")
+    p.add_argument("--vqvae-model", required=True, help="VQ-VAE checkpoint whose codes are modelled")
+    p.add_argument("--data-folder", default="data")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--num-epochs", type=nonnegative_int, default=10)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--num-layers", type=positive_int, default=12)
+    p.add_argument("--hidden-size", type=positive_int, default=64)
+    p.add_argument("--output-folder", default="prior")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--resume", default=None, help="continue from a last.pt of this script")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run of this name")
+    p.add_argument("--train-subset", type=positive_int, default=None)
+    p.add_argument("--test-subset", type=positive_int, default=None)
+    p.add_argument("--log-every", type=positive_int, default=50)
+    return p
+
+
+def main():
+    parser = build_parser()
+    args = parser.parse_args()
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume, "prior", "--resume")
+        for key, value in checkpoint["config"].items():
+            mine = getattr(args, key, None)
+            if mine == parser.get_default(key) or key in LOCKED_ON_RESUME and mine == value:
+                setattr(args, key, value)
+            elif key in LOCKED_ON_RESUME:
+                fail(f"--{key.replace('_', '-')} {mine} conflicts with --resume {args.resume}, "
+                     f"which was trained with {value}")
+    device = resolve_device(args.device)
+    vqvae, _ = load_vqvae(args.vqvae_model, device, "--vqvae-model")
+    log_dir, model_dir = prepare_run_folders(args.output_folder, args.resume, args.overwrite)
+    shuffle = seed_everything(args.seed)
+    train_codes, train_labels = extract_codes(
+        vqvae, MNISTSplit(args.data_folder, True, device, limit=args.train_subset))
+    test_codes, test_labels = extract_codes(
+        vqvae, MNISTSplit(args.data_folder, False, device, limit=args.test_subset))
+    K = vqvae.codeBook.K
+    config = {**{k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}, "k": K}
+    prior = GatedPixelCNN(K, args.hidden_size, args.num_layers).to(device)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
+    start_epoch, step, best = 0, 0, float("inf")
+    if checkpoint:
+        load_state(prior, checkpoint["state_dict"], "--resume", args.resume)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rng"], shuffle)
+        start_epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best_nll"]
+    writer = SummaryWriter(log_dir)
+    print(f"prior {args.output_folder}: {len(train_codes)} train / {len(test_codes)} test code maps, "
+          f"K {K}, device {device}; uniform bound {49 * math.log2(K):.0f} bits per map")
+    digits = torch.arange(10, device=device).repeat_interleave(8)
+    n = len(train_codes)
+    for epoch in range(start_epoch, args.num_epochs):
+        order = torch.randperm(n, generator=shuffle).to(device)
+        running = torch.zeros((), device=device)
+        for i in tqdm(range(0, n, args.batch_size), leave=False, desc=f"epoch {epoch + 1}"):
+            idx = order[i:i + args.batch_size]
+            codes, labels = train_codes[idx], train_labels[idx]
+            loss = F.cross_entropy(prior(codes, labels), codes)          # nats per code
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
+            step += 1
+            if step % args.log_every == 0:
+                nats = running.item() / args.log_every
+                writer.add_scalar("loss/train/nll_nats_per_map", 49 * nats, step)
+                writer.add_scalar("loss/train/bits_per_code", nats / math.log(2), step)
+                running.zero_()
+        nats = test_nll(prior, test_codes, test_labels)
+        writer.add_scalar("loss/test/nll_nats_per_map", 49 * nats, epoch + 1)
+        writer.add_scalar("loss/test/bits_per_code", nats / math.log(2), epoch + 1)
+        prior.eval()
+        samples = vqvae.decode(prior.sample(digits))
+        prior.train()
+        writer.add_image("samples", make_grid(samples.cpu(), nrow=8, value_range=(-1, 1),
+                                              normalize=True), epoch + 1)
+        writer.flush()
+        metrics = {"test_nll_nats_per_map": 49 * nats, "test_bits_per_map": 49 * nats / math.log(2)}
+        state = {"kind": "prior", "state_dict": prior.state_dict(), "config": config,
+                 "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
+                 "rng": rng_state(shuffle), "best_nll": min(best, nats), "metrics": metrics}
+        if nats < best:
+            best = nats
+            save_checkpoint(os.path.join(model_dir, "best.pt"), state)
+        save_checkpoint(os.path.join(model_dir, "last.pt"), state)
+        print(f"epoch {epoch + 1}/{args.num_epochs}  test NLL {49 * nats:.2f} nats = "
+              f"{metrics['test_bits_per_map']:.1f} bits per code map "
+              f"({nats / math.log(2):.3f} bits per code)", file=sys.stdout)
+    writer.close()
+
+
+if __name__ == "__main__":
+    main()
