@@ -125,7 +125,7 @@ def main(args):
     test_set = MNISTSplit(args.data_folder, False, device, args.data_pipeline, args.num_workers,
                           args.test_subset)
     model = vqvae_from_config(config).to(device)
-    if world_size > 1:
+    if world_size > 1 and device.type == "cuda":  # SyncBatchNorm has no CPU kernels
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     learned_codebook = args.codebook == "loss"
     optimizer = make_optimizer(model, args.lr, device)
@@ -276,7 +276,9 @@ def main(args):
               f"  train {train_seconds:.1f}s")
     if writer:
         writer.close()
-    if world_size > 1:
+    if world_size > 1:  # lets a user (and the tests) see that the replicas stayed in step
+        checksum = sum(p.double().sum().item() for p in raw_model.parameters())
+        print(f"rank {rank} parameter checksum {checksum:.10e}")
         dist.destroy_process_group()
 
 
