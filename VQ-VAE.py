@@ -23,11 +23,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from modules import (CODEBOOK_INITS, CODEBOOKS, MNISTSplit, ArgumentParser, code_usage,
-                     decay_float, evaluate_vqvae, fail, load_checkpoint, load_state, make_optimizer,
+from modules import (MNISTSplit, ArgumentParser, apply_resume_config, code_usage, decay_float,
+                     evaluate_vqvae, fail, load_checkpoint, load_state, make_optimizer,
                      nonnegative_float, nonnegative_int, positive_float, positive_int,
                      prepare_run_folders, resolve_device, rng_state, save_checkpoint,
                      seed_everything, set_rng_state, train_step, vqvae_from_config)
+from vector_quantizer import CODEBOOK_INITS, CODEBOOKS
 
 # A --resume must agree with the checkpoint on these; others (epochs, device, ...) may be changed.
 LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
@@ -75,23 +76,21 @@ def build_parser():
 
 
 def parse_args(argv=None):
+    """-> (args, the --resume checkpoint or None). Flags left at their default take the value the
+    resumed run was trained with."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    checkpoint = None
     if args.resume:
-        config = load_checkpoint(args.resume, "vqvae", "--resume")["config"] or fail(
+        checkpoint = load_checkpoint(args.resume, "vqvae", "--resume")
+        config = checkpoint["config"] or fail(
             f"--resume {args.resume}: a bare state_dict cannot be resumed; it has no training state")
-        for key, value in config.items():  # flags left at their default take the checkpoint's value
-            mine = getattr(args, key, None)
-            if mine == parser.get_default(key) or key in LOCKED_ON_RESUME and mine == value:
-                setattr(args, key, value)
-            elif key in LOCKED_ON_RESUME:
-                fail(f"--{key.replace('_', '-')} {mine} conflicts with the checkpoint "
-                     f"--resume {args.resume}, which was trained with {value}")
+        apply_resume_config(parser, args, config, LOCKED_ON_RESUME)
     if os.path.isabs(args.output_folder) or ".." in args.output_folder.split(os.sep):
         fail(f"--output-folder {args.output_folder!r}: expected a run name, not a path")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
-    return args
+    return args, checkpoint
 
 
 def setup_distributed(device):
@@ -111,7 +110,7 @@ def image_grid(images):
     return make_grid(images.float().cpu(), nrow=8, value_range=(-1, 1), normalize=True)
 
 
-def main(args):
+def main(args, checkpoint=None):
     device = resolve_device(args.device)
     rank, world_size, device = setup_distributed(device)
     if args.batch_size % world_size:
@@ -135,8 +134,7 @@ def main(args):
         if args.lr_schedule == "cosine" else None
 
     start_epoch, step, batch_in_epoch, best_loss = 0, 0, 0, float("inf")
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume, "vqvae", "--resume")
+    if checkpoint:
         load_state(model, checkpoint["state_dict"], "--resume", args.resume)
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler:
@@ -283,4 +281,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(*parse_args())

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
-from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, VQEmbedding  # noqa: F401  (re-exported)
+from vector_quantizer import VQEmbedding
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -560,6 +560,18 @@ def prepare_run_folders(name, resume, overwrite, rank=0):
         for path in earlier + glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
             os.remove(path)
     return log_dir, model_dir
+
+
+def apply_resume_config(parser, args, config, locked):
+    """--resume: flags left at their default take the resumed run's value; a flag in `locked` that
+    was given and contradicts the checkpoint is an error (one line, exit 2)."""
+    for key, value in config.items():
+        mine = getattr(args, key, None)
+        if mine == parser.get_default(key) or key in locked and mine == value:
+            setattr(args, key, value)
+        elif key in locked:
+            fail(f"--{key.replace('_', '-')} {mine} conflicts with the checkpoint "
+                 f"--resume {args.resume}, which was trained with {value}")
 
 
 def rng_state(shuffle):

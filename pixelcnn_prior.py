@@ -18,10 +18,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from modules import (GatedPixelCNN, MNISTSplit, ArgumentParser, fail, load_checkpoint,
-                     load_state, load_vqvae, nonnegative_int, positive_float, positive_int,
-                     prepare_run_folders, resolve_device, rng_state, save_checkpoint,
-                     seed_everything, set_rng_state)
+from modules import (GatedPixelCNN, MNISTSplit, ArgumentParser, apply_resume_config,
+                     load_checkpoint, load_state, load_vqvae, nonnegative_int, positive_float,
+                     positive_int, prepare_run_folders, resolve_device, rng_state,
+                     save_checkpoint, seed_everything, set_rng_state)
 
 LOCKED_ON_RESUME = ("num_layers", "hidden_size", "batch_size", "lr", "seed", "train_subset")
 
@@ -69,13 +69,7 @@ def main():
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(args.resume, "prior", "--resume")
-        for key, value in checkpoint["config"].items():
-            mine = getattr(args, key, None)
-            if mine == parser.get_default(key) or key in LOCKED_ON_RESUME and mine == value:
-                setattr(args, key, value)
-            elif key in LOCKED_ON_RESUME:
-                fail(f"--{key.replace('_', '-')} {mine} conflicts with --resume {args.resume}, "
-                     f"which was trained with {value}")
+        apply_resume_config(parser, args, checkpoint["config"], LOCKED_ON_RESUME)
     device = resolve_device(args.device)
     vqvae, _ = load_vqvae(args.vqvae_model, device, "--vqvae-model")
     log_dir, model_dir = prepare_run_folders(args.output_folder, args.resume, args.overwrite)
