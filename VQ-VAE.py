@@ -23,11 +23,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from modules import (MNISTSplit, ArgumentParser, apply_resume_config, code_usage, decay_float,
+from modules import (DEFAULT_CONFIG, MNISTSplit, ArgumentParser, apply_resume_config, code_usage, decay_float,
                      evaluate_vqvae, fail, load_checkpoint, load_state, make_optimizer,
                      nonnegative_float, nonnegative_int, positive_float, positive_int,
-                     prepare_run_folders, resolve_device, rng_state, save_checkpoint,
-                     seed_everything, set_rng_state, train_step, vqvae_from_config)
+                     maybe_compile, prepare_run_folders, resolve_device, rng_state,
+                     save_checkpoint, seed_everything, set_rng_state, train_step,
+                     vqvae_from_config)
 from vector_quantizer import CODEBOOK_INITS, CODEBOOKS
 
 # A --resume must agree with the checkpoint on these; others (epochs, device, ...) may be changed.
@@ -43,8 +44,10 @@ def build_parser():
     p.add_argument("--output-folder", default="vqvae", help="run name: logs/<name>, models/<name>")
     p.add_argument("--data-folder", default="data", help="MNIST goes to <folder>/MNIST/raw")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--hidden-size", type=positive_int, default=40, help="latent/codeword size D")
-    p.add_argument("--k", type=positive_int, default=512, help="number of codewords K")
+    p.add_argument("--hidden-size", type=positive_int, default=DEFAULT_CONFIG["hidden_size"],
+                   help="latent/codeword size D")
+    p.add_argument("--k", type=positive_int, default=DEFAULT_CONFIG["k"],
+                   help="number of codewords K")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--num-epochs", "--num_epoch", dest="num_epochs", type=nonnegative_int, default=10)
     p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate")
@@ -53,12 +56,15 @@ def build_parser():
                    help="DataLoader workers (torchvision pipeline only)")
     p.add_argument("--seed", type=nonnegative_int, default=None, help="default: drawn and recorded")
     g = p.add_argument_group("codebook")
-    g.add_argument("--codebook", choices=CODEBOOKS, default="ema")
-    g.add_argument("--codebook-init", choices=CODEBOOK_INITS, default="kmeans")
-    g.add_argument("--ema-decay", type=decay_float, default=0.99)
-    g.add_argument("--dead-code-threshold", type=nonnegative_float, default=1.0,
+    g.add_argument("--codebook", choices=CODEBOOKS, default=DEFAULT_CONFIG["codebook"])
+    g.add_argument("--codebook-init", choices=CODEBOOK_INITS,
+                   default=DEFAULT_CONFIG["codebook_init"])
+    g.add_argument("--ema-decay", type=decay_float, default=DEFAULT_CONFIG["ema_decay"])
+    g.add_argument("--dead-code-threshold", type=nonnegative_float,
+                   default=DEFAULT_CONFIG["dead_code_threshold"],
                    help="re-seed codes used fewer times per batch (EMA) than this; 0 disables")
-    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                   default=DEFAULT_CONFIG["lr_schedule"])
     g = p.add_argument_group("speed")
     g.add_argument("--data-pipeline", choices=("device", "torchvision"), default="device",
                    help="device: whole split as uint8 on the device; torchvision: the seed's loader")
@@ -146,10 +152,7 @@ def main(args, checkpoint=None):
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     if args.compile:
-        try:
-            model = torch.compile(model)
-        except Exception as e:  # no compiler toolchain, unsupported platform, ...
-            print(f"warning: --compile unavailable ({e}); training eagerly", file=sys.stderr)
+        model = maybe_compile(model, device)
 
     def checkpoint_dict(epoch, batch, shuffle_state, metrics):
         return {"kind": "vqvae", "state_dict": raw_model.state_dict(), "config": config,

@@ -17,11 +17,8 @@ import time
 
 import torch
 
-from modules import (MNISTSplit, ArgumentParser, make_optimizer, nonnegative_int, positive_int,
-                     resolve_device, train_step, vqvae_from_config)
-
-CONFIG = {"hidden_size": 40, "k": 512, "codebook": "ema", "codebook_init": "kmeans",
-          "ema_decay": 0.99, "dead_code_threshold": 1.0}
+from modules import (DEFAULT_CONFIG, MNISTSplit, ArgumentParser, make_optimizer, maybe_compile,
+                     nonnegative_int, positive_int, resolve_device, train_step, vqvae_from_config)
 
 
 def synchronize(device):
@@ -33,10 +30,10 @@ def time_pipeline(args, device, pipeline, amp, compile_model):
     """-> milliseconds per training step, data loading included."""
     torch.manual_seed(0)
     split = MNISTSplit(args.data_folder, True, device, pipeline, args.num_workers)
-    model = vqvae_from_config(CONFIG).to(device)
+    model = vqvae_from_config(DEFAULT_CONFIG).to(device)
     optimizer = make_optimizer(model, 2e-4, device)
     if compile_model:
-        model = torch.compile(model)
+        model = maybe_compile(model, device)
     batches = split.batches(args.batch_size, torch.randperm(len(split)))
     for _ in range(args.warmup):
         train_step(model, optimizer, next(batches)[0], 1.0, False, amp)

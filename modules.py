@@ -113,6 +113,19 @@ def make_optimizer(model, lr, device):
                             fused=torch.device(device).type == "cuda")
 
 
+def maybe_compile(model, device):
+    """torch.compile(model), or the eager model with a warning where compiling cannot work here (no
+    C++ compiler for CPU kernels, no Triton for GPU ones): a tiny function is compiled first, since
+    torch.compile itself only fails at the first call."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+        return torch.compile(model)
+    except Exception as e:
+        print(f"warning: --compile unavailable here ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); training eagerly", file=sys.stderr)
+        return model
+
+
 def train_step(model, optimizer, images, beta, learned_codebook, amp=False):
     """One optimisation step (bf16 autocast when `amp`) -> the `vqvae_losses` tuple, detached."""
     with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
@@ -156,8 +169,10 @@ def evaluate_vqvae(model, split, batch_size=500):
             "counts": counts.cpu()}
 
 
-MODEL_CONFIG_KEYS = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
-                     "dead_code_threshold")
+# The training defaults (VQ-VAE.py's flags), chosen by the ablation in README.md. The seed repo's
+# configuration is {"codebook": "loss", "codebook_init": "uniform", "dead_code_threshold": 0.0}.
+DEFAULT_CONFIG = {"hidden_size": 40, "k": 512, "codebook": "ema", "codebook_init": "kmeans",
+                  "ema_decay": 0.99, "dead_code_threshold": 1.0, "lr_schedule": "constant"}
 
 
 def vqvae_from_config(config):
