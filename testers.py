@@ -611,6 +611,18 @@ def test_prior_training_lowers_nll(trained_prior):
     assert {"loss/test/nll_nats_per_map", "loss/test/bits_per_code"} <= set(events.Tags()["scalars"])
 
 
+def test_prior_resume_is_bit_identical(trained_prior, tmp_path, data_folder):
+    cwd, _ = trained_prior
+    vqvae = str(cwd / "models" / "tiny" / "best.pt")
+    args = ["--vqvae-model", vqvae, "--data-folder", data_folder, "--train-subset", "2048",
+            "--test-subset", "256", "--num-layers", "4", "--hidden-size", "32", "--output-folder",
+            "prior"]
+    run("pixelcnn_prior.py", *args, "--num-epochs", "1", cwd=tmp_path)
+    run("pixelcnn_prior.py", "--resume", "models/prior/last.pt", "--num-epochs", "2",
+        "--vqvae-model", vqvae, "--data-folder", data_folder, cwd=tmp_path)
+    assert_same_weights(cwd / "models" / "prior" / "last.pt", tmp_path / "models" / "prior" / "last.pt")
+
+
 def test_generate_from_prior(trained_prior):
     cwd, _ = trained_prior
     run("generate.py", "--model", "models/tiny/best.pt", "--input", "prior", "--prior-model",
