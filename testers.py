@@ -421,14 +421,25 @@ def test_resume_after_an_epoch_is_bit_identical(trained_run, tmp_path, data_fold
         ["best.pt", "last.pt", "model_1.pt", "model_2.pt"]
 
 
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory, data_folder):
+    """A 2-epoch run of 128 steps: the reference for interrupted-and-resumed runs."""
+    cwd = tmp_path_factory.mktemp("whole")
+    run("VQ-VAE.py", "--output-folder", "whole", *signal_run_flags(data_folder), cwd=cwd)
+    return cwd / "models" / "whole" / "last.pt"
+
+
+def signal_run_flags(data_folder):
+    return ["--data-folder", data_folder, "--num-epochs", "2", *TINY, "--train-subset", "4096"]
+
+
 @pytest.mark.parametrize("signum", [2, 15])  # SIGINT (Ctrl-C), SIGTERM
-def test_signal_saves_last_and_resume_is_bit_identical(tmp_path, data_folder, signum):
-    args = ["--data-folder", data_folder, "--num-epochs", "2", *TINY, "--train-subset", "4096"]
-    run("VQ-VAE.py", "--output-folder", "whole", *args, cwd=tmp_path)
+def test_signal_saves_last_and_resume_is_bit_identical(uninterrupted_run, tmp_path, data_folder,
+                                                       signum):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "VQ-VAE.py"), "--output-folder",
-                                "cut", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
+                                "cut", *signal_run_flags(data_folder)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert process.stdout.readline().startswith("training")
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
@@ -437,8 +448,7 @@ def test_signal_saves_last_and_resume_is_bit_identical(tmp_path, data_folder, si
     cut = torch.load(tmp_path / "models" / "cut" / "last.pt", weights_only=True)
     assert 0 < cut["step"] < 128  # stopped mid-run, after finishing a step
     run("VQ-VAE.py", "--resume", "models/cut/last.pt", "--data-folder", data_folder, cwd=tmp_path)
-    assert_same_weights(tmp_path / "models" / "whole" / "last.pt",
-                        tmp_path / "models" / "cut" / "last.pt")
+    assert_same_weights(uninterrupted_run, tmp_path / "models" / "cut" / "last.pt")
 
 
 def test_nan_loss_stops_training_and_keeps_checkpoints(trained_run, data_folder):
