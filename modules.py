@@ -578,9 +578,12 @@ def prepare_run_folders(name, resume, overwrite, rank=0):
 
 
 def apply_resume_config(parser, args, config, locked):
-    """--resume: flags left at their default take the resumed run's value; a flag in `locked` that
-    was given and contradicts the checkpoint is an error (one line, exit 2)."""
+    """--resume: flags left at their default take the resumed run's value, except where the data
+    and device are (the run may resume on another machine); a flag in `locked` that was given and
+    contradicts the checkpoint is an error (one line, exit 2)."""
     for key, value in config.items():
+        if key in ("data_folder", "device", "num_workers"):
+            continue
         mine = getattr(args, key, None)
         if mine == parser.get_default(key) or key in locked and mine == value:
             setattr(args, key, value)
