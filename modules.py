@@ -444,9 +444,12 @@ class MNISTSplit:
                 idx = idx.to(self.device)
                 yield normalize(self.images[idx]), self.labels[idx]
             return
+        # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, and the
+        # two pipelines would then diverge at the next random draw of training.
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=[idx.tolist() for idx in slices],
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator())
         for images, labels in loader:
             yield (images.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))

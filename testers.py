@@ -374,6 +374,15 @@ def test_seed_makes_runs_identical(trained_run, tmp_path, data_folder):
     assert_same_weights(cwd / "models" / "tiny" / "last.pt", tmp_path / "models" / "tiny" / "last.pt")
 
 
+def test_seed_pipeline_trains_bit_identically(trained_run, tmp_path, data_folder):
+    """The fast input path changes speed only: the seed's torchvision DataLoader pipeline, same
+    seed, ends with exactly the same weights."""
+    cwd, _ = trained_run
+    run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder, "--num-epochs", "2",
+        *TINY, "--data-pipeline", "torchvision", "--num-workers", "1", cwd=tmp_path)
+    assert_same_weights(cwd / "models" / "tiny" / "last.pt", tmp_path / "models" / "tiny" / "last.pt")
+
+
 def assert_same_weights(path_a, path_b):
     a = torch.load(path_a, weights_only=True)
     b = torch.load(path_b, weights_only=True)
