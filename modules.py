@@ -136,13 +136,16 @@ def train_step(model, optimizer, images, beta, learned_codebook, amp=False):
     return tuple(t.detach() for t in losses)
 
 
-def code_usage(indices, K):
-    """indices (any shape) -> (counts (K,), perplexity, codes used), all device tensors.
-    Perplexity exp(H(p)) of the code histogram: K when all codes are equally used, 1 at collapse."""
-    counts = torch.bincount(indices.flatten(), minlength=K).float()
+def perplexity(counts):
+    """exp(H(p)) of a code histogram counts (K,): K when all codes are used equally, 1 at collapse."""
     p = counts / counts.sum()
-    perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
-    return counts, perplexity, (counts > 0).sum()
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+
+
+def code_usage(indices, K):
+    """indices (any shape) -> (counts (K,), perplexity, codes used), all device tensors."""
+    counts = torch.bincount(indices.flatten(), minlength=K).float()
+    return counts, perplexity(counts), (counts > 0).sum()
 
 
 @torch.no_grad()
@@ -161,11 +164,9 @@ def evaluate_vqvae(model, split, batch_size=500):
         counts += torch.bincount(indices.flatten(), minlength=K)
     model.train(was_training)
     n = len(split)
-    p = counts / counts.sum()
-    perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
     reconstruction, quantization = (sums / torch.tensor([n * 28 * 28, n], device=sums.device)).tolist()
     return {"reconstruction": reconstruction, "quantization": quantization,
-            "perplexity": perplexity.item(), "codes_used": int((counts > 0).sum()),
+            "perplexity": perplexity(counts).item(), "codes_used": int((counts > 0).sum()),
             "counts": counts.cpu()}
 
 
