@@ -483,9 +483,11 @@ def load_checkpoint(path, kind, flag="--model"):
         fail(f"{flag} {path}: no such file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        fail(f"{flag} {path}: refused, the file holds pickled Python objects that could run code; "
-             f"only tensors and plain values are loaded (weights_only=True)")
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # the weights-only unpickler met a reference to a Python callable
+            fail(f"{flag} {path}: refused, the file holds pickled Python objects that could run "
+                 f"code; only tensors and plain values are loaded (weights_only=True)")
+        fail(f"{flag} {path}: not a PyTorch checkpoint, or truncated")
     except Exception:  # torch raises several types for empty, truncated or foreign files
         fail(f"{flag} {path}: not a PyTorch checkpoint, or truncated")
     if not isinstance(checkpoint, dict) or not checkpoint:

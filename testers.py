@@ -297,7 +297,7 @@ def test_generate_rejects_bad_input(trained_run, tmp_path, case):
     args, word = {
         "input": (["--model", model, "--input", "dream"], "--input"),
         "missing": (["--model", "nope.pt"], "nope.pt"),
-        "not_checkpoint": (["--model", "notes.pt"], "notes.pt"),
+        "not_checkpoint": (["--model", "notes.pt"], "not a PyTorch checkpoint"),
         "empty_file": (["--model", "empty.pt"], "empty.pt"),
         "other_sizes": (["--model", model, "--k", "64"], "--k"),
         "filename": (["--model", model, "--filename", "a/b"], "--filename"),
