@@ -17,14 +17,46 @@ TINY = ["--hidden-size", "16", "--k", "32", "--batch-size", "64", "--train-subse
         "--test-subset", "256", "--num-workers", "0", "--seed", "3"]
 
 
-def run(script, *args, cwd, check=True):
-    """Run one of the repo's scripts in `cwd`; returns the CompletedProcess."""
+def run(script, *args, cwd, check=True, in_process=False):
+    """Run one of the repo's scripts in `cwd`; returns (returncode, stdout, stderr).
+    `in_process` calls the script's entry point in this interpreter (no 3 s start-up): for checks
+    that end before any training, where the exit status and the printed lines are what matter."""
+    if in_process:
+        return run_in_process(script, [str(a) for a in args], cwd)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                             capture_output=True, text=True, env=env, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+_scripts = {}
+
+
+def run_in_process(script, args, cwd):
+    import contextlib
+    import importlib.util
+    import io
+    import types
+    if script not in _scripts:
+        spec = importlib.util.spec_from_file_location(script[:-3].replace("-", "_"),
+                                                      os.path.join(REPO, script))
+        _scripts[script] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_scripts[script])
+    module, here, argv = _scripts[script], os.getcwd(), sys.argv
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    try:
+        os.chdir(cwd)
+        sys.argv = [script, *args]
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            module.main(*module.parse_args()) if hasattr(module, "parse_args") else module.main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.chdir(here)
+        sys.argv = argv
+    return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -245,14 +277,15 @@ def assert_clean_failure(result, *words):
     (["--output-folder", "../escape"], "--output-folder"),
 ])
 def test_training_rejects_bad_flags(tmp_path, data_folder, args, word):
-    result = run("VQ-VAE.py", "--data-folder", data_folder, *args, cwd=tmp_path, check=False)
+    result = run("VQ-VAE.py", "--data-folder", data_folder, *args, cwd=tmp_path, check=False,
+                 in_process=True)
     assert_clean_failure(result, word)
     assert not (tmp_path / "models").exists()
 
 
 def test_training_rejects_data_folder_that_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("x")
-    result = run("VQ-VAE.py", "--data-folder", "afile", cwd=tmp_path, check=False)
+    result = run("VQ-VAE.py", "--data-folder", "afile", cwd=tmp_path, check=False, in_process=True)
     assert_clean_failure(result, "--data-folder")
 
 
@@ -303,7 +336,7 @@ def test_generate_rejects_bad_input(trained_run, tmp_path, case):
         "filename": (["--model", model, "--filename", "a/b"], "--filename"),
         "empty_filename": (["--model", model, "--filename", ""], "--filename"),
     }[case]
-    result = run("generate.py", *args, cwd=tmp_path, check=False)
+    result = run("generate.py", *args, cwd=tmp_path, check=False, in_process=True)
     assert_clean_failure(result, word)
     assert not (tmp_path / "generatedImages").exists()
 
@@ -479,7 +512,7 @@ def test_existing_run_is_not_overwritten(trained_run, data_folder):
     cwd, _ = trained_run
     before = (cwd / "models" / "tiny" / "best.pt").read_bytes()
     result = run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder, *TINY,
-                 cwd=cwd, check=False)
+                 cwd=cwd, check=False, in_process=True)
     assert_clean_failure(result, "--overwrite", "--resume")
     assert (cwd / "models" / "tiny" / "best.pt").read_bytes() == before
 
@@ -487,7 +520,7 @@ def test_existing_run_is_not_overwritten(trained_run, data_folder):
 def test_resume_rejects_conflicting_config(trained_run, data_folder):
     cwd, _ = trained_run
     result = run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--k", "64",
-                 "--data-folder", data_folder, cwd=cwd, check=False)
+                 "--data-folder", data_folder, cwd=cwd, check=False, in_process=True)
     assert_clean_failure(result, "--k 64", "32")
 
 
@@ -509,7 +542,7 @@ def test_checkpoint_with_code_is_refused_and_never_runs(tmp_path):
 
 def test_checkpoint_of_another_script_is_refused_by_name(tmp_path):
     save_checkpoint(str(tmp_path / "prior.pt"), {"kind": "prior", "state_dict": {}, "config": {}})
-    result = run("generate.py", "--model", "prior.pt", cwd=tmp_path, check=False)
+    result = run("generate.py", "--model", "prior.pt", cwd=tmp_path, check=False, in_process=True)
     assert_clean_failure(result, "prior checkpoint", "pixelcnn_prior.py")
 
 
@@ -518,7 +551,7 @@ def test_empty_or_truncated_checkpoint_is_refused(trained_run, tmp_path, size):
     cwd, _ = trained_run
     data = (cwd / "models" / "tiny" / "best.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[:size])
-    result = run("evaluate.py", "--model", "cut.pt", cwd=tmp_path, check=False)
+    result = run("evaluate.py", "--model", "cut.pt", cwd=tmp_path, check=False, in_process=True)
     assert_clean_failure(result, "cut.pt")
 
 
@@ -673,7 +706,7 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
         "vqvae_as_prior": (["--prior-model", vqvae], ["vqvae checkpoint", "--prior-model"]),
     }[case]
     result = run("generate.py", "--model", vqvae, "--input", "prior", *args, cwd=tmp_path,
-                 check=False)
+                 check=False, in_process=True)
     assert_clean_failure(result, *words)
 
 
