@@ -735,3 +735,14 @@ def test_torchrun_ddp_on_cpu_matches_single_process(tmp_path, data_folder):
     difference = sum((ddp["state_dict"][k] - single["state_dict"][k]).pow(2).sum() for k in keys)
     update = sum((single["state_dict"][k] - init[k]).pow(2).sum() for k in keys)
     assert (difference / update).sqrt() < 0.25
+
+
+def test_benchmark_reports_both_pipelines(tmp_path, data_folder):
+    import json
+    result = run("benchmark.py", "--data-folder", data_folder, "--steps", "2", "--warmup", "1",
+                 "--num-workers", "0", "--json", cwd=tmp_path)
+    report = json.loads(result.stdout)
+    assert [row["pipeline"].split()[0] for row in report["rows"]] == ["seed-style", "fast"]
+    for row in report["rows"]:  # figures are printed, never asserted on
+        assert row["ms_per_step"] > 0 and row["images_per_s"] > 0 and row["s_per_epoch"] > 0
+    assert report["speedup"] > 0
