@@ -10,7 +10,6 @@ Writes logs/<output-folder>/ and models/<output-folder>/{best,last}.pt (kind 'pr
 """
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +128,7 @@ def main():
         save_checkpoint(os.path.join(model_dir, "last.pt"), state)
         print(f"epoch {epoch + 1}/{args.num_epochs}  test NLL {49 * nats:.2f} nats = "
               f"{metrics['test_bits_per_map']:.1f} bits per code map "
-              f"({nats / math.log(2):.3f} bits per code)", file=sys.stdout)
+              f"({nats / math.log(2):.3f} bits per code)")
     writer.close()
 
 
