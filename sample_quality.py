@@ -19,8 +19,8 @@ from torchmetrics.image.inception import InceptionScore
 
 from generate import sample_prior
 from modules import (MNISTClassifier, MNISTSplit, ArgumentParser, load_checkpoint, load_prior,
-                     load_state, load_vqvae, nonnegative_int, positive_float, positive_int,
-                     resolve_device, to_uint8)
+                     load_state, load_vqvae, nonnegative_int, normalize, positive_float,
+                     positive_int, resolve_device, to_uint8)
 from classifier import TRAIN_IMAGES
 
 
@@ -34,7 +34,7 @@ class Judge(nn.Module):
         self.classifier, self.logits = classifier, logits
 
     def forward(self, images):
-        x = images.float().div(255).sub(0.5).div(0.5)
+        x = normalize(images[:, 0])
         return self.classifier(x) if self.logits else self.classifier.features(x)
 
 

@@ -746,3 +746,19 @@ def test_benchmark_reports_both_pipelines(tmp_path, data_folder):
     for row in report["rows"]:  # figures are printed, never asserted on
         assert row["ms_per_step"] > 0 and row["images_per_s"] > 0 and row["s_per_epoch"] > 0
     assert report["speedup"] > 0
+
+
+def test_sample_quality_reports_every_source(trained_prior, data_folder):
+    import json
+    cwd, _ = trained_prior
+    result = run("sample_quality.py", "--model", "models/tiny/best.pt", "--prior-model",
+                 "models/prior/best.pt", "--classifier",
+                 os.path.join(REPO, "models", "pretrained", "classifier.pt"), "--num-samples", "200",
+                 "--temperatures", "1.0", "--data-folder", data_folder, "--json", cwd=cwd)
+    rows = {row["source"]: row for row in json.loads(result.stdout)}
+    assert len(rows) == 6 and all(row["images"] == 200 for row in rows.values())
+    floor = rows["real: held-out training images (floor)"]
+    assert floor["agreement"] > 0.95  # the committed judge reads real digits
+    for real in (floor, rows["real: test images (the reference itself)"]):
+        assert real["frechet_distance"] < rows["codes drawn uniformly"]["frechet_distance"]
+    assert 0 <= rows["Gated PixelCNN prior, temperature 1.0"]["agreement"] <= 1
