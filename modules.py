@@ -269,11 +269,7 @@ class GatedPixelCNN(nn.Module):
                                     nn.Conv2d(4 * dim, K, 1))
 
     def forward(self, codes, labels):
-        return self.output(self.stacks(codes, labels))
-
-    def stacks(self, codes, labels):
-        """codes (B, H, W), labels (B,) -> features (B, dim, H, W) before the output head."""
-        return self.stacks_embedded(self.embedding(codes).permute(0, 3, 1, 2), labels)
+        return self.output(self.stacks_embedded(self.embedding(codes).permute(0, 3, 1, 2), labels))
 
     def stacks_embedded(self, x, labels):
         """x (B, dim, H, W) embedded codes -> features (B, dim, H, W)."""
@@ -284,7 +280,7 @@ class GatedPixelCNN(nn.Module):
         return x_h
 
     @torch.no_grad()
-    def sample(self, labels, shape=(7, 7), temperature=1.0, generator=None):
+    def sample(self, labels, shape=(7, 7), temperature=1.0):
         """labels (B,) -> codes (B, H, W), one position at a time in raster order.
 
         The vertical stacks at row i see only rows < i, so they run once per row; within the row
@@ -304,7 +300,7 @@ class GatedPixelCNN(nn.Module):
                     x_h = layer.horizontal_step(h_vertical, x_h, bias)
                 logits = self.output(x_h[:, :, :, j:j + 1])[:, :, 0, 0].float()   # (B, K)
                 probs = torch.softmax(logits / temperature, 1)
-                codes[:, i, j] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                codes[:, i, j] = torch.multinomial(probs, 1).squeeze(1)
         return codes
 
 
