@@ -29,11 +29,11 @@ from modules import (DEFAULT_CONFIG, MNISTSplit, ArgumentParser, apply_resume_co
                      maybe_compile, prepare_run_folders, resolve_device, rng_state,
                      save_checkpoint, seed_everything, set_rng_state, train_step,
                      vqvae_from_config)
-from vector_quantizer import CODEBOOK_INITS, CODEBOOKS
+from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, GRADIENTS
 
 # A --resume must agree with the checkpoint on these; others (epochs, device, ...) may be changed.
 LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
-                    "dead_code_threshold", "batch_size", "lr", "lr_schedule", "beta", "seed",
+                    "dead_code_threshold", "gradient", "batch_size", "lr", "lr_schedule", "beta", "seed",
                     "train_subset", "amp")
 TRAIN_SCALARS = ("loss/train/training_loss", "loss/train/reconstruction", "loss/train/quantization",
                  "loss/train/commitment", "codebook/train/perplexity", "codebook/train/codes_used")
@@ -65,6 +65,8 @@ def build_parser():
                    help="re-seed codes used fewer times per batch (EMA) than this; 0 disables")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"),
                    default=DEFAULT_CONFIG["lr_schedule"])
+    g.add_argument("--gradient", choices=GRADIENTS, default=DEFAULT_CONFIG["gradient"],
+                   help="how the decoder's gradient crosses the quantizer (seed: straight-through)")
     g = p.add_argument_group("speed")
     g.add_argument("--data-pipeline", choices=("device", "torchvision"), default="device",
                    help="device: whole split as uint8 on the device; torchvision: the seed's loader")

@@ -53,7 +53,7 @@ class VectorQuantizedVAE(nn.Module):
     in the decoder, which ends in Tanh. Codebook options are passed on to `VQEmbedding`."""
 
     def __init__(self, input_dim, dim, K=512, codebook="loss", codebook_init="uniform", decay=0.99,
-                 dead_code_threshold=0.0):
+                 dead_code_threshold=0.0, gradient="straight-through"):
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Conv2d(input_dim, dim, 4, 2, 1),
@@ -63,7 +63,8 @@ class VectorQuantizedVAE(nn.Module):
             ResBlock(dim),
             ResBlock(dim),
         )
-        self.codeBook = VQEmbedding(K, dim, codebook, codebook_init, decay, dead_code_threshold)
+        self.codeBook = VQEmbedding(K, dim, codebook, codebook_init, decay, dead_code_threshold,
+                                    gradient=gradient)
         self.decoder = nn.Sequential(
             ResBlock(dim),
             ResBlock(dim),
@@ -173,7 +174,8 @@ def evaluate_vqvae(model, split, batch_size=500):
 # The training defaults (VQ-VAE.py's flags), chosen by the ablation in README.md. The seed repo's
 # configuration is {"codebook": "loss", "codebook_init": "uniform", "dead_code_threshold": 0.0}.
 DEFAULT_CONFIG = {"hidden_size": 40, "k": 512, "codebook": "ema", "codebook_init": "kmeans",
-                  "ema_decay": 0.99, "dead_code_threshold": 1.0, "lr_schedule": "constant"}
+                  "ema_decay": 0.99, "dead_code_threshold": 1.0, "lr_schedule": "constant",
+                  "gradient": "straight-through"}
 
 
 def vqvae_from_config(config):
@@ -182,7 +184,8 @@ def vqvae_from_config(config):
                               codebook=config.get("codebook", "loss"),
                               codebook_init=config.get("codebook_init", "uniform"),
                               decay=config.get("ema_decay", 0.99),
-                              dead_code_threshold=config.get("dead_code_threshold", 0.0))
+                              dead_code_threshold=config.get("dead_code_threshold", 0.0),
+                              gradient=config.get("gradient", "straight-through"))
 
 
 def load_vqvae(path, device, flag="--model", sizes=None):

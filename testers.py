@@ -10,7 +10,7 @@ from PIL import Image
 
 from modules import (MNISTSplit, VectorQuantizedVAE, load_checkpoint,
                      save_checkpoint, vqvae_from_config, vqvae_losses)
-from vector_quantizer import VQEmbedding, kmeans, vq, vq_st
+from vector_quantizer import VQEmbedding, kmeans, rotate_to_codes, vq, vq_st
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--hidden-size", "16", "--k", "32", "--batch-size", "64", "--train-subset", "1024",
@@ -380,6 +380,44 @@ def test_dead_code_restart_moves_only_dead_codes(codebook):
     else:
         assert (weight[:2] - live).abs().max() < 0.1  # live codes only took their EMA step
     assert (quantizer.cluster_size >= 0.6).all()
+
+
+def test_rotation_trick_forward_is_the_codeword_and_gradient_is_rotated():
+    torch.manual_seed(0)
+    inputs = torch.randn(6, 5, requires_grad=True)
+    codes = torch.randn(6, 5)
+    out = rotate_to_codes(inputs, codes)
+    assert torch.equal(out, codes)
+    grad_out = torch.randn(6, 5)
+    out.backward(grad_out)
+    for e, q, g, grad in zip(inputs.detach(), codes, grad_out, inputs.grad):
+        # The matrix lambda R of the paper, built densely: it maps e onto q, and the gradient is its
+        # transpose applied to the incoming gradient.
+        e_hat, q_hat = e / e.norm(), q / q.norm()
+        r = (e_hat + q_hat) / (e_hat + q_hat).norm()
+        rotation = torch.eye(5) - 2 * torch.outer(r, r) + 2 * torch.outer(q_hat, e_hat)
+        scale = q.norm() / e.norm()
+        assert torch.allclose(scale * rotation @ e, q, atol=1e-5)
+        assert torch.allclose(grad, scale * rotation.t() @ g, atol=1e-5)
+        assert not torch.allclose(grad, g)  # not the straight-through copy
+
+
+def test_rotation_gradient_option_trains(data_folder):
+    torch.manual_seed(0)
+    model = vqvae_from_config({"hidden_size": 16, "k": 32, "codebook": "ema",
+                               "gradient": "rotation"})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    split = MNISTSplit(data_folder, True, "cpu", limit=512)
+    losses = []
+    for _ in range(3):
+        for images, _ in split.batches(64):
+            loss = vqvae_losses(model, images, 1.0, learned_codebook=False)[1]
+            optimizer.zero_grad()
+            loss.backward()
+            assert model.encoder[0].weight.grad.abs().sum() > 0  # the decoder's gradient got through
+            optimizer.step()
+            losses.append(loss.item())
+    assert sum(losses[-8:]) < 0.7 * sum(losses[:8])
 
 
 def test_kmeans_init_beats_uniform(data_folder):

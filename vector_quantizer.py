@@ -18,6 +18,7 @@ import torch.nn as nn
 
 CODEBOOKS = ("loss", "ema")
 CODEBOOK_INITS = ("uniform", "kmeans")
+GRADIENTS = ("straight-through", "rotation")
 
 
 def _distributed():
@@ -68,6 +69,28 @@ def vq_st(inputs, codebook):
     return VectorQuantizationStraightThrough.apply(inputs, codebook)
 
 
+def rotate_to_codes(inputs, codes, eps=1e-6):
+    """The rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation
+    Trick", eq. 4): inputs (N, D), codes (N, D) -> (N, D) equal to `codes` in the forward pass, whose
+    gradient reaches `inputs` through sg[lambda R], the rotation-and-rescaling that carries each input
+    onto its codeword, instead of through the identity (straight-through).
+
+    R e = e - 2 r (r.e) + 2 q^ (e^.e) with e^ = e/|e|, q^ = q/|q|, r = (e^ + q^)/|e^ + q^|, and
+    lambda = |q|/|e|; R, lambda and the codes carry no gradient.
+    """
+    with torch.no_grad():
+        e_norm = inputs.norm(dim=1, keepdim=True).clamp(min=eps)          # (N, 1)
+        q_norm = codes.norm(dim=1, keepdim=True).clamp(min=eps)
+        e_hat, q_hat = inputs / e_norm, codes / q_norm                    # (N, D)
+        r = e_hat + q_hat
+        r = r / r.norm(dim=1, keepdim=True).clamp(min=eps)
+        scale = q_norm / e_norm
+    rotated = scale * (inputs - 2 * r * (r * inputs).sum(1, keepdim=True)
+                       + 2 * q_hat * (e_hat * inputs).sum(1, keepdim=True))
+    # Forward value exactly the codeword (R is degenerate when e^ = -q^); gradient that of `rotated`.
+    return codes + (rotated - rotated.detach())
+
+
 def kmeans(samples, k, iterations=10):
     """A few vectorised Lloyd iterations: samples (N, D) -> centroids (k, D), float32.
 
@@ -96,15 +119,18 @@ class VQEmbedding(nn.Module):
     init='kmeans'    on the first training batch the codebook is set by k-means on encoder outputs.
     dead_code_threshold > 0: a code whose EMA usage (assignments per batch) falls below it is re-seeded
                      with a random encoder output of the current batch.
+    gradient='rotation': the decoder's gradient reaches the encoder through `rotate_to_codes`
+                     instead of the straight-through copy (the seed).
     """
 
     def __init__(self, K, D, codebook="loss", init="uniform", decay=0.99, dead_code_threshold=0.0,
-                 eps=1e-5):
+                 eps=1e-5, gradient="straight-through"):
         super().__init__()
-        if codebook not in CODEBOOKS or init not in CODEBOOK_INITS:
-            raise ValueError(f"codebook must be one of {CODEBOOKS} and init one of {CODEBOOK_INITS}")
+        if codebook not in CODEBOOKS or init not in CODEBOOK_INITS or gradient not in GRADIENTS:
+            raise ValueError(f"codebook must be one of {CODEBOOKS}, init one of {CODEBOOK_INITS} "
+                             f"and gradient one of {GRADIENTS}")
         self.K, self.D = K, D
-        self.codebook, self.init, self.decay = codebook, init, decay
+        self.codebook, self.init, self.decay, self.gradient = codebook, init, decay, gradient
         self.dead_code_threshold, self.eps = dead_code_threshold, eps
         self.embedding = nn.Embedding(K, D)
         self.embedding.weight.data.uniform_(-1.0 / K, 1.0 / K)
@@ -135,6 +161,9 @@ class VQEmbedding(nn.Module):
         if self.training and self._needs_init:
             self._kmeans_init(z_e_x_.detach().reshape(-1, self.D))
         z_q_x_, indices = vq_st(z_e_x_, self.embedding.weight.detach())  # (B, H, W, D), (B*H*W,)
+        if self.gradient == "rotation":
+            z_q_x_ = rotate_to_codes(z_e_x_.reshape(-1, self.D),
+                                     z_q_x_.detach().reshape(-1, self.D)).view_as(z_e_x_)
         z_q_x_st = z_q_x_.permute(0, 3, 1, 2).contiguous()  # the decoder's in-place ReLU needs a copy
         z_q_x = self.embedding.weight.index_select(0, indices).view_as(z_e_x_).permute(0, 3, 1, 2)
         if self.training:
