@@ -22,7 +22,8 @@ from modules import (GatedPixelCNN, MNISTSplit, ArgumentParser, apply_resume_con
                      positive_int, prepare_run_folders, resolve_device, rng_state,
                      save_checkpoint, seed_everything, set_rng_state)
 
-LOCKED_ON_RESUME = ("num_layers", "hidden_size", "batch_size", "lr", "seed", "train_subset")
+LOCKED_ON_RESUME = ("num_layers", "hidden_size", "batch_size", "lr", "lr_schedule", "seed",
+                    "train_subset")
 
 
 @torch.no_grad()
@@ -50,6 +51,8 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--num-epochs", type=nonnegative_int, default=10)
     p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
+                   help="cosine decays the learning rate to 0 over the run")
     p.add_argument("--num-layers", type=positive_int, default=12)
     p.add_argument("--hidden-size", type=positive_int, default=64)
     p.add_argument("--output-folder", default="prior")
@@ -81,17 +84,22 @@ def main():
     config = {**{k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}, "k": K}
     prior = GatedPixelCNN(K, args.hidden_size, args.num_layers).to(device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
+    n = len(train_codes)
+    total_steps = args.num_epochs * -(-n // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1)) \
+        if args.lr_schedule == "cosine" else None
     start_epoch, step, best = 0, 0, float("inf")
     if checkpoint:
         load_state(prior, checkpoint["state_dict"], "--resume", args.resume)
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler and checkpoint.get("scheduler"):
+            scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"], shuffle)
         start_epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best_nll"]
     writer = SummaryWriter(log_dir)
     print(f"prior {args.output_folder}: {len(train_codes)} train / {len(test_codes)} test code maps, "
           f"K {K}, device {device}; uniform bound {49 * math.log2(K):.0f} bits per map")
     digits = torch.arange(10, device=device).repeat_interleave(8)
-    n = len(train_codes)
     for epoch in range(start_epoch, args.num_epochs):
         order = torch.randperm(n, generator=shuffle).to(device)
         running = torch.zeros((), device=device)
@@ -102,6 +110,8 @@ def main():
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler:
+                scheduler.step()
             running += loss.detach()
             step += 1
             if step % args.log_every == 0:
@@ -121,6 +131,7 @@ def main():
         metrics = {"test_nll_nats_per_map": 49 * nats, "test_bits_per_map": 49 * nats / math.log(2)}
         state = {"kind": "prior", "state_dict": prior.state_dict(), "config": config,
                  "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler else None,
                  "rng": rng_state(shuffle), "best_nll": min(best, nats), "metrics": metrics}
         if nats < best:
             best = nats

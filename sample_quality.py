@@ -82,6 +82,10 @@ def main():
                 vqvae.decode, torch.multinomial(histogram, n * 49, replacement=True).view(n, 7, 7))),
                 None),
         }
+        # The prior can only be as good as the decoder: its samples are decoded the same way.
+        sources["VQ-VAE reconstructions of held-out training images (the prior's ceiling)"] = (
+            to_uint8(in_batches(lambda x: vqvae(x)[0], normalize(train.images[held_out]))),
+            train.labels[held_out])
         for t in args.temperatures:
             sources[f"Gated PixelCNN prior, temperature {t}"] = (
                 to_uint8(sample_prior(prior, vqvae, labels, t)), labels)
