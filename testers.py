@@ -797,9 +797,11 @@ def test_sample_quality_reports_every_source(trained_prior, data_folder):
                  os.path.join(REPO, "models", "pretrained", "classifier.pt"), "--num-samples", "200",
                  "--temperatures", "1.0", "--data-folder", data_folder, "--json", cwd=cwd)
     rows = {row["source"]: row for row in json.loads(result.stdout)}
-    assert len(rows) == 6 and all(row["images"] == 200 for row in rows.values())
+    assert len(rows) == 7 and all(row["images"] == 200 for row in rows.values())
     floor = rows["real: held-out training images (floor)"]
     assert floor["agreement"] > 0.95  # the committed judge reads real digits
     for real in (floor, rows["real: test images (the reference itself)"]):
         assert real["frechet_distance"] < rows["codes drawn uniformly"]["frechet_distance"]
     assert 0 <= rows["Gated PixelCNN prior, temperature 1.0"]["agreement"] <= 1
+    ceiling = rows["VQ-VAE reconstructions of held-out training images (the prior's ceiling)"]
+    assert ceiling["frechet_distance"] < rows["codes drawn uniformly"]["frechet_distance"]
