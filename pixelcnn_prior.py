@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from modules import (GatedPixelCNN, MNISTSplit, ArgumentParser, apply_resume_config,
+from modules import (GatedPixelCNN, MNISTSplit, ArgumentParser, apply_resume_config, fail,
                      load_checkpoint, load_state, load_vqvae, nonnegative_int, positive_float,
                      positive_int, prepare_run_folders, resolve_device, rng_state,
                      save_checkpoint, seed_everything, set_rng_state)
@@ -71,6 +71,9 @@ def main():
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(args.resume, "prior", "--resume")
+        if "optimizer" not in checkpoint:  # e.g. the committed models/pretrained/prior_mnist.pt
+            fail(f"--resume {args.resume}: weights only, without the optimizer state a resume "
+                 f"needs; resume from the run's last.pt")
         apply_resume_config(parser, args, checkpoint["config"], LOCKED_ON_RESUME)
     device = resolve_device(args.device)
     vqvae, _ = load_vqvae(args.vqvae_model, device, "--vqvae-model")

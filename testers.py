@@ -751,6 +751,15 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
     assert_clean_failure(result, *words)
 
 
+def test_prior_resume_rejects_weights_only_checkpoint(tmp_path, data_folder):
+    pretrained = os.path.join(REPO, "models", "pretrained", "prior_mnist.pt")
+    result = run("pixelcnn_prior.py", "--resume", pretrained, "--vqvae-model",
+                 os.path.join(REPO, "models", "pretrained", "vqvae_mnist.pt"), "--data-folder",
+                 data_folder, cwd=tmp_path, check=False, in_process=True)
+    assert_clean_failure(result, "--resume", "optimizer state")
+    assert not (tmp_path / "models").exists()
+
+
 # -------------------------------------------------------------------------------------------- DDP
 def test_torchrun_ddp_on_cpu_matches_single_process(tmp_path, data_folder):
     flags = ["--data-folder", data_folder, "--num-epochs", "1", "--max-steps", "8",
