@@ -23,18 +23,18 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from modules import (DEFAULT_CONFIG, MNISTSplit, ArgumentParser, apply_resume_config, code_usage, decay_float,
-                     evaluate_vqvae, fail, load_checkpoint, load_state, make_optimizer,
-                     nonnegative_float, nonnegative_int, positive_float, positive_int,
-                     maybe_compile, prepare_run_folders, resolve_device, rng_state,
-                     save_checkpoint, seed_everything, set_rng_state, train_step,
-                     vqvae_from_config)
+from modules import (DEFAULT_CONFIG, LR_SCHEDULES, MNISTSplit, ArgumentParser, apply_resume_config,
+                     code_usage, decay_float, evaluate_vqvae, fail, load_checkpoint, load_state,
+                     make_optimizer, make_scheduler, maybe_compile, nonnegative_float,
+                     nonnegative_int, positive_float, positive_int, prepare_run_folders,
+                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                     train_step, vqvae_from_config)
 from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, GRADIENTS
 
 # A --resume must agree with the checkpoint on these; others (epochs, device, ...) may be changed.
 LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
-                    "dead_code_threshold", "gradient", "batch_size", "lr", "lr_schedule", "beta", "seed",
-                    "train_subset", "amp")
+                    "dead_code_threshold", "gradient", "batch_size", "lr", "lr_schedule", "beta",
+                    "seed", "train_subset", "amp")
 TRAIN_SCALARS = ("loss/train/training_loss", "loss/train/reconstruction", "loss/train/quantization",
                  "loss/train/commitment", "codebook/train/perplexity", "codebook/train/codes_used")
 
@@ -63,7 +63,7 @@ def build_parser():
     g.add_argument("--dead-code-threshold", type=nonnegative_float,
                    default=DEFAULT_CONFIG["dead_code_threshold"],
                    help="re-seed codes used fewer times per batch (EMA) than this; 0 disables")
-    g.add_argument("--lr-schedule", choices=("constant", "cosine"),
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    default=DEFAULT_CONFIG["lr_schedule"])
     g.add_argument("--gradient", choices=GRADIENTS, default=DEFAULT_CONFIG["gradient"],
                    help="how the decoder's gradient crosses the quantizer (seed: straight-through)")
@@ -138,8 +138,7 @@ def main(args, checkpoint=None):
     optimizer = make_optimizer(model, args.lr, device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     total_steps = min(args.num_epochs * steps_per_epoch, args.max_steps or float("inf"))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1)) \
-        if args.lr_schedule == "cosine" else None
+    scheduler = make_scheduler(optimizer, args.lr_schedule, total_steps)
 
     start_epoch, step, batch_in_epoch, best_loss = 0, 0, 0, float("inf")
     if checkpoint:

@@ -114,6 +114,16 @@ def make_optimizer(model, lr, device):
                             fused=torch.device(device).type == "cuda")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def make_scheduler(optimizer, schedule, total_steps):
+    """None for a constant rate; 'cosine' decays it to 0 over `total_steps` optimizer steps."""
+    if schedule == "constant":
+        return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1))
+
+
 def maybe_compile(model, device):
     """torch.compile(model), or the eager model with a warning where compiling cannot work here (no
     C++ compiler for CPU kernels, no Triton for GPU ones): a tiny function is compiled first, since

@@ -17,9 +17,9 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from modules import (GatedPixelCNN, MNISTSplit, ArgumentParser, apply_resume_config, fail,
-                     load_checkpoint, load_state, load_vqvae, nonnegative_int, positive_float,
-                     positive_int, prepare_run_folders, resolve_device, rng_state,
+from modules import (LR_SCHEDULES, GatedPixelCNN, MNISTSplit, ArgumentParser, apply_resume_config,
+                     fail, load_checkpoint, load_state, load_vqvae, make_scheduler, nonnegative_int,
+                     positive_float, positive_int, prepare_run_folders, resolve_device, rng_state,
                      save_checkpoint, seed_everything, set_rng_state)
 
 LOCKED_ON_RESUME = ("num_layers", "hidden_size", "batch_size", "lr", "lr_schedule", "seed",
@@ -51,7 +51,7 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--num-epochs", type=nonnegative_int, default=10)
     p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="cosine decays the learning rate to 0 over the run")
     p.add_argument("--num-layers", type=positive_int, default=12)
     p.add_argument("--hidden-size", type=positive_int, default=64)
@@ -89,8 +89,7 @@ def main():
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
     n = len(train_codes)
     total_steps = args.num_epochs * -(-n // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1)) \
-        if args.lr_schedule == "cosine" else None
+    scheduler = make_scheduler(optimizer, args.lr_schedule, total_steps)
     start_epoch, step, best = 0, 0, float("inf")
     if checkpoint:
         load_state(prior, checkpoint["state_dict"], "--resume", args.resume)
