@@ -24,8 +24,8 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from modules import (DEFAULT_CONFIG, LR_SCHEDULES, MNISTSplit, ArgumentParser, apply_resume_config,
-                     code_usage, decay_float, evaluate_vqvae, fail, load_checkpoint, load_state,
-                     make_optimizer, make_scheduler, maybe_compile, nonnegative_float,
+                     code_usage, decay_float, evaluate_vqvae, fail, load_resume_checkpoint,
+                     load_state, make_optimizer, make_scheduler, maybe_compile, nonnegative_float,
                      nonnegative_int, positive_float, positive_int, prepare_run_folders,
                      resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
                      train_step, vqvae_from_config)
@@ -90,10 +90,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     checkpoint = None
     if args.resume:
-        checkpoint = load_checkpoint(args.resume, "vqvae", "--resume")
-        config = checkpoint["config"] or fail(
-            f"--resume {args.resume}: a bare state_dict cannot be resumed; it has no training state")
-        apply_resume_config(parser, args, config, LOCKED_ON_RESUME)
+        checkpoint = load_resume_checkpoint(args.resume, "vqvae")
+        apply_resume_config(parser, args, checkpoint["config"], LOCKED_ON_RESUME)
     if os.path.isabs(args.output_folder) or ".." in args.output_folder.split(os.sep):
         fail(f"--output-folder {args.output_folder!r}: expected a run name, not a path")
     if args.seed is None:

@@ -513,6 +513,16 @@ def load_checkpoint(path, kind, flag="--model"):
     return checkpoint
 
 
+def load_resume_checkpoint(path, kind):
+    """`load_checkpoint` for --resume, which also needs the training state: a weights-only file
+    (a seed-style bare state_dict, the committed models/pretrained/ copies) is refused."""
+    checkpoint = load_checkpoint(path, kind, "--resume")
+    if "optimizer" not in checkpoint:
+        fail(f"--resume {path}: weights only, without the optimizer state a resume needs; "
+             f"resume from the run's last.pt")
+    return checkpoint
+
+
 def load_state(model, state_dict, flag, path):
     """load_state_dict with a one-line error when the sizes do not match the model."""
     try:

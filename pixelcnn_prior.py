@@ -18,7 +18,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from modules import (LR_SCHEDULES, GatedPixelCNN, MNISTSplit, ArgumentParser, apply_resume_config,
-                     fail, load_checkpoint, load_state, load_vqvae, make_scheduler, nonnegative_int,
+                     load_resume_checkpoint, load_state, load_vqvae, make_scheduler, nonnegative_int,
                      positive_float, positive_int, prepare_run_folders, resolve_device, rng_state,
                      save_checkpoint, seed_everything, set_rng_state)
 
@@ -70,10 +70,7 @@ def main():
     args = parser.parse_args()
     checkpoint = None
     if args.resume:
-        checkpoint = load_checkpoint(args.resume, "prior", "--resume")
-        if "optimizer" not in checkpoint:  # e.g. the committed models/pretrained/prior_mnist.pt
-            fail(f"--resume {args.resume}: weights only, without the optimizer state a resume "
-                 f"needs; resume from the run's last.pt")
+        checkpoint = load_resume_checkpoint(args.resume, "prior")
         apply_resume_config(parser, args, checkpoint["config"], LOCKED_ON_RESUME)
     device = resolve_device(args.device)
     vqvae, _ = load_vqvae(args.vqvae_model, device, "--vqvae-model")

@@ -751,12 +751,18 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
     assert_clean_failure(result, *words)
 
 
-def test_prior_resume_rejects_weights_only_checkpoint(tmp_path, data_folder):
+def test_resume_rejects_weights_only_checkpoints(tmp_path, data_folder):
     pretrained = os.path.join(REPO, "models", "pretrained", "prior_mnist.pt")
     result = run("pixelcnn_prior.py", "--resume", pretrained, "--vqvae-model",
                  os.path.join(REPO, "models", "pretrained", "vqvae_mnist.pt"), "--data-folder",
                  data_folder, cwd=tmp_path, check=False, in_process=True)
     assert_clean_failure(result, "--resume", "optimizer state")
+    bare = torch.load(os.path.join(REPO, "models", "pretrained", "vqvae_mnist.pt"),
+                      weights_only=True)["state_dict"]
+    torch.save(bare, tmp_path / "bare.pt")  # the seed's checkpoint format
+    result = run("VQ-VAE.py", "--resume", "bare.pt", "--data-folder", data_folder, cwd=tmp_path,
+                 check=False, in_process=True)
+    assert_clean_failure(result, "--resume bare.pt", "optimizer state")
     assert not (tmp_path / "models").exists()
 
 
