@@ -382,6 +382,24 @@ def test_dead_code_restart_moves_only_dead_codes(codebook):
     assert (quantizer.cluster_size >= 0.6).all()
 
 
+def test_restarted_code_gets_a_grace_period_above_the_threshold():
+    # With a threshold above 1 a re-seeded code must not be judged dead again on the next step.
+    torch.manual_seed(0)
+    quantizer = VQEmbedding(4, 2, codebook="ema", decay=0.9, dead_code_threshold=2.0)
+    quantizer.embedding.weight.data = torch.tensor([[0.0, 0.0], [1.0, 1.0], [50.0, 50], [-50, -50]])
+    quantizer.embed_avg.copy_(quantizer.embedding.weight.data)
+    quantizer.cluster_size.copy_(torch.tensor([10.0, 10.0, 1.0, 1.0]))   # mean usage 5.5
+    z_e_x = torch.tensor([[0.1, 0.0], [0.0, 0.1], [0.9, 1.0], [1.0, 0.9]]).t().reshape(1, 2, 2, 2)
+    quantizer.quantize(z_e_x)
+    mean_usage = (0.9 * 10 + 0.1 * 2) * 2 / 4 + 0.9 * 1 * 2 / 4            # after the EMA step
+    assert torch.allclose(quantizer.cluster_size[2:], torch.tensor([mean_usage] * 2))
+    outputs = z_e_x.permute(0, 2, 3, 1).reshape(-1, 2)
+    reseeded = quantizer.embedding.weight.detach()[2:].clone()
+    assert all((code == outputs).all(1).any() for code in reseeded)        # codeword = its seed
+    quantizer.quantize(z_e_x * 0 + 3)          # nothing goes to the re-seeded codes this step...
+    assert torch.allclose(quantizer.embedding.weight.detach()[2:], reseeded)  # ...and they stay
+
+
 def test_rotation_trick_forward_is_the_codeword_and_gradient_is_rotated():
     torch.manual_seed(0)
     inputs = torch.randn(6, 5, requires_grad=True)
