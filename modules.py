@@ -184,7 +184,7 @@ def evaluate_vqvae(model, split, batch_size=500):
 # The training defaults (VQ-VAE.py's flags), chosen by the ablation in README.md. The seed repo's
 # configuration is {"codebook": "loss", "codebook_init": "uniform", "dead_code_threshold": 0.0}.
 DEFAULT_CONFIG = {"hidden_size": 40, "k": 512, "codebook": "ema", "codebook_init": "kmeans",
-                  "ema_decay": 0.99, "dead_code_threshold": 1.0, "lr_schedule": "constant",
+                  "ema_decay": 0.9, "dead_code_threshold": 6.0, "lr_schedule": "constant",
                   "gradient": "straight-through"}
 
 
