@@ -787,7 +787,10 @@ def test_resume_rejects_weights_only_checkpoints(tmp_path, data_folder):
 # -------------------------------------------------------------------------------------------- DDP
 def test_torchrun_ddp_on_cpu_matches_single_process(tmp_path, data_folder):
     flags = ["--data-folder", data_folder, "--num-epochs", "1", "--max-steps", "8",
-             "--codebook-init", "uniform", "--dead-code-threshold", "0", *TINY]
+             "--codebook-init", "uniform", "--dead-code-threshold", "0", *TINY,
+             # The EMA codebook dominates the comparison below; at decay 0.9 the per-rank
+             # BatchNorm differences reach it 10x faster than at the 0.99 the bound was set for.
+             "--ema-decay", "0.99"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node=2", os.path.join(REPO, "VQ-VAE.py"),
