@@ -207,9 +207,9 @@ class VQEmbedding(nn.Module):
         # torch.where instead of `if dead.any()` keeps the step free of host syncs.
         dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)   # (K, 1)
         replacements = flat[torch.randint(flat.size(0), (self.K,), device=flat.device)]
-        # A re-seeded code starts at the mean usage, not at the threshold: its EMA count then takes
-        # ~log(mean / threshold) / (1 - decay) steps to decay, a grace period to win inputs before it
-        # can be judged dead again (at a count of 1 a threshold above 1 re-seeds it every step).
+        # A re-seeded code starts at the mean usage (at least the threshold), not at a count of 1:
+        # its EMA count then takes ~log(mean / threshold) / (1 - decay) steps to fall below the
+        # threshold, a grace period to win inputs (from 1, a threshold above 1 re-seeded it every step).
         grace = (self.cluster_size.sum() / self.K).clamp(min=self.dead_code_threshold)
         weight = self.embedding.weight.data
         weight.copy_(torch.where(dead, replacements, weight))
