@@ -33,8 +33,8 @@ from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, GRADIENTS
 
 # A --resume must agree with the checkpoint on these; others (epochs, device, ...) may be changed.
 LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
-                    "dead_code_threshold", "gradient", "batch_size", "lr", "lr_schedule", "beta",
-                    "seed", "train_subset", "amp")
+                    "dead_code_threshold", "gradient", "conv_init_scale", "latent_init_scale",
+                    "batch_size", "lr", "lr_schedule", "beta", "seed", "train_subset", "amp")
 TRAIN_SCALARS = ("loss/train/training_loss", "loss/train/reconstruction", "loss/train/quantization",
                  "loss/train/commitment", "codebook/train/perplexity", "codebook/train/codes_used")
 
@@ -67,6 +67,13 @@ def build_parser():
                    default=DEFAULT_CONFIG["lr_schedule"])
     g.add_argument("--gradient", choices=GRADIENTS, default=DEFAULT_CONFIG["gradient"],
                    help="how the decoder's gradient crosses the quantizer (seed: straight-through)")
+    g = p.add_argument_group("initialisation (1 and 1: the seed's Xavier init)")
+    g.add_argument("--conv-init-scale", type=positive_float,
+                   default=DEFAULT_CONFIG["conv_init_scale"],
+                   help="convolutions followed by BatchNorm start at this times their Xavier init")
+    g.add_argument("--latent-init-scale", type=positive_float,
+                   default=DEFAULT_CONFIG["latent_init_scale"],
+                   help="the encoder output z_e(x) starts at this times its Xavier-init scale")
     g = p.add_argument_group("speed")
     g.add_argument("--data-pipeline", choices=("device", "torchvision"), default="device",
                    help="device: whole split as uint8 on the device; torchvision: the seed's loader")

@@ -53,7 +53,8 @@ class VectorQuantizedVAE(nn.Module):
     in the decoder, which ends in Tanh. Codebook options are passed on to `VQEmbedding`."""
 
     def __init__(self, input_dim, dim, K=512, codebook="loss", codebook_init="uniform", decay=0.99,
-                 dead_code_threshold=0.0, gradient="straight-through"):
+                 dead_code_threshold=0.0, gradient="straight-through", conv_init_scale=1.0,
+                 latent_init_scale=1.0):
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Conv2d(input_dim, dim, 4, 2, 1),
@@ -76,6 +77,27 @@ class VectorQuantizedVAE(nn.Module):
             nn.Tanh(),
         )
         self.apply(weights_init)
+        self._rescale_init(conv_init_scale, latent_init_scale)
+
+    @torch.no_grad()
+    def _rescale_init(self, conv_scale, latent_scale):
+        """Multiply parts of the seed's Xavier init (1, 1: the seed's init). In training mode the
+        network computes the same function afterwards, up to the factor `latent_scale` on z_e(x)."""
+        # A conv followed by BatchNorm is scale-free: BatchNorm divides its scale out. Adam moves
+        # every weight by ~lr per step whatever its size, so smaller weights turn faster: for these
+        # layers the init scale sets the effective learning rate (about lr / |w|).
+        for seq in self.modules():
+            if isinstance(seq, nn.Sequential):
+                for layer, following in zip(seq, seq[1:]):
+                    if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and \
+                            isinstance(following, nn.BatchNorm2d):
+                        layer.weight.mul_(conv_scale)
+        # z_e(x) is the residual stream conv(h) + block_1 + block_2: scaling that conv's weights and
+        # each block's last BatchNorm gain scales z_e(x). The commitment loss beta ||z_e - sg[e]||^2
+        # is measured in these units, so a smaller latent is held less tightly at the same beta.
+        self.encoder[3].weight.mul_(latent_scale)
+        for block in self.encoder[4:]:
+            block.block[-1].weight.mul_(latent_scale)
 
     def encode(self, x):
         """(B, 1, 28, 28) -> code indices (B, 7, 7)."""
@@ -184,8 +206,8 @@ def evaluate_vqvae(model, split, batch_size=500):
 # The training defaults (VQ-VAE.py's flags), chosen by the ablation in README.md. The seed repo's
 # configuration is {"codebook": "loss", "codebook_init": "uniform", "dead_code_threshold": 0.0}.
 DEFAULT_CONFIG = {"hidden_size": 40, "k": 512, "codebook": "ema", "codebook_init": "kmeans",
-                  "ema_decay": 0.9, "dead_code_threshold": 6.0, "lr_schedule": "constant",
-                  "gradient": "straight-through"}
+                  "ema_decay": 0.9, "dead_code_threshold": 6.0, "lr_schedule": "cosine",
+                  "gradient": "straight-through", "conv_init_scale": 0.1, "latent_init_scale": 0.5}
 
 
 def vqvae_from_config(config):
@@ -195,7 +217,9 @@ def vqvae_from_config(config):
                               codebook_init=config.get("codebook_init", "uniform"),
                               decay=config.get("ema_decay", 0.99),
                               dead_code_threshold=config.get("dead_code_threshold", 0.0),
-                              gradient=config.get("gradient", "straight-through"))
+                              gradient=config.get("gradient", "straight-through"),
+                              conv_init_scale=config.get("conv_init_scale", 1.0),
+                              latent_init_scale=config.get("latent_init_scale", 1.0))
 
 
 def load_vqvae(path, device, flag="--model", sizes=None):
@@ -605,7 +629,10 @@ def prepare_run_folders(name, resume, overwrite, rank=0):
 def apply_resume_config(parser, args, config, locked):
     """--resume: flags left at their default take the resumed run's value, except where the data
     and device are (the run may resume on another machine); a flag in `locked` that was given and
-    contradicts the checkpoint is an error (one line, exit 2)."""
+    contradicts the checkpoint is an error (one line, exit 2). A cosine schedule spans the steps the
+    run was started with (past them it would climb back up), so its length is locked too."""
+    if config.get("lr_schedule") == "cosine":
+        locked = (*locked, "num_epochs", "max_steps")
     for key, value in config.items():
         if key in ("data_folder", "device", "num_workers"):
             continue
@@ -613,8 +640,10 @@ def apply_resume_config(parser, args, config, locked):
         if mine == parser.get_default(key) or key in locked and mine == value:
             setattr(args, key, value)
         elif key in locked:
+            why = " (its cosine learning-rate schedule ends there)" \
+                if key in ("num_epochs", "max_steps") else ""
             fail(f"--{key.replace('_', '-')} {mine} conflicts with the checkpoint "
-                 f"--resume {args.resume}, which was trained with {value}")
+                 f"--resume {args.resume}, which was trained with {value}{why}")
 
 
 def rng_state(shuffle):

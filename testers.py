@@ -13,6 +13,13 @@ from modules import (MNISTSplit, VectorQuantizedVAE, load_checkpoint,
 from vector_quantizer import VQEmbedding, kmeans, rotate_to_codes, vq, vq_st
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+SEED_CONFIGURATION = ["--codebook", "loss", "--codebook-init", "uniform", "--dead-code-threshold",
+                      "0", "--lr-schedule", "constant", "--conv-init-scale", "1",
+                      "--latent-init-scale", "1"]
+# A cosine schedule spans the epochs a run was started with, so only a constant-rate run can be
+# resumed for more epochs (test_resume_after_an_epoch_is_bit_identical); the signal tests resume
+# the default cosine schedule mid-run.
+CONSTANT_LR = ["--lr-schedule", "constant"]
 TINY = ["--hidden-size", "16", "--k", "32", "--batch-size", "64", "--train-subset", "1024",
         "--test-subset", "256", "--num-workers", "0", "--seed", "3"]
 
@@ -72,7 +79,7 @@ def trained_run(tmp_path_factory, data_folder):
     """One tiny end-to-end VQ-VAE.py run (2 epochs), shared by the tests that read its outputs."""
     cwd = tmp_path_factory.mktemp("run")
     result = run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder,
-                 "--num-epochs", "2", *TINY, cwd=cwd)
+                 "--num-epochs", "2", *TINY, *CONSTANT_LR, cwd=cwd)
     return cwd, result
 
 
@@ -152,6 +159,32 @@ def test_model_shapes(codebook):
     assert model.decode(latents).shape == (4, 1, 28, 28)
     # decoding the codes reproduces the eval-mode forward pass
     assert torch.allclose(model.decode(latents), model(x)[0], atol=1e-6)
+
+
+def test_init_scales_keep_the_function_and_scale_the_latent():
+    torch.manual_seed(0)
+    seed_init = VectorQuantizedVAE(1, 16, 32)
+    torch.manual_seed(0)
+    scaled = VectorQuantizedVAE(1, 16, 32, conv_init_scale=0.3, latent_init_scale=0.5)
+    ratios = {name: (p / w).nanmean().item() for (name, p), w in
+              zip(scaled.named_parameters(), seed_init.parameters()) if not torch.equal(p, w)}
+    before_batchnorm = ["encoder.0.weight", "decoder.3.weight"] + [
+        f"{part}.{i}.block.{j}.weight" for part, blocks in (("encoder", (4, 5)), ("decoder", (0, 1)))
+        for i in blocks for j in (1, 4)]
+    latent = ["encoder.3.weight", "encoder.4.block.5.weight", "encoder.5.block.5.weight"]
+    assert sorted(ratios) == sorted(before_batchnorm + latent)
+    for name, ratio in ratios.items():
+        # encoder.3 feeds BatchNorm too (inside the residual blocks) but carries the latent scale
+        assert ratio == pytest.approx(0.5 if name in latent else 0.3, rel=1e-5), name
+    # In training mode (batch statistics) the scaled network is the seed's, with z_e(x) halved.
+    # BatchNorm's eps would weigh more against the smaller activations: take it out.
+    for module in [*seed_init.modules(), *scaled.modules()]:
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eps = 1e-12
+    x = torch.rand(32, 1, 28, 28) * 2 - 1
+    z_e_x = seed_init.encoder(x)
+    assert torch.allclose(scaled.encoder(x), 0.5 * z_e_x, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(scaled.decoder(z_e_x), seed_init.decoder(z_e_x), rtol=1e-4, atol=1e-5)
 
 
 def test_both_pipelines_give_identical_batches(data_folder):
@@ -482,11 +515,11 @@ def assert_same_weights(path_a, path_b):
 
 def test_seed_configuration_still_trains(tmp_path, data_folder):
     result = run("VQ-VAE.py", "--output-folder", "seedcfg", "--data-folder", data_folder,
-                 "--codebook", "loss", "--codebook-init", "uniform", "--dead-code-threshold", "0",
-                 "--num-epochs", "1", *TINY, cwd=tmp_path)
+                 *SEED_CONFIGURATION, "--num-epochs", "1", *TINY, cwd=tmp_path)
     config = torch.load(tmp_path / "models" / "seedcfg" / "best.pt", weights_only=True)["config"]
-    assert (config["codebook"], config["codebook_init"], config["dead_code_threshold"]) == \
-        ("loss", "uniform", 0.0)
+    assert (config["codebook"], config["codebook_init"], config["dead_code_threshold"],
+            config["lr_schedule"], config["conv_init_scale"], config["latent_init_scale"]) == \
+        ("loss", "uniform", 0.0, "constant", 1.0, 1.0)
     assert "codes used" in result.stdout
 
 
@@ -511,7 +544,7 @@ def test_evaluate_prints_all_fields(trained_run, data_folder):
 def test_resume_after_an_epoch_is_bit_identical(trained_run, tmp_path, data_folder):
     cwd, _ = trained_run
     run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder, "--num-epochs", "1",
-        *TINY, cwd=tmp_path)
+        *TINY, *CONSTANT_LR, cwd=tmp_path)
     run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--num-epochs", "2",
         "--data-folder", data_folder, cwd=tmp_path)
     assert_same_weights(cwd / "models" / "tiny" / "last.pt", tmp_path / "models" / "tiny" / "last.pt")
@@ -547,6 +580,13 @@ def test_signal_saves_last_and_resume_is_bit_identical(uninterrupted_run, tmp_pa
     assert 0 < cut["step"] < 128  # stopped mid-run, after finishing a step
     run("VQ-VAE.py", "--resume", "models/cut/last.pt", "--data-folder", data_folder, cwd=tmp_path)
     assert_same_weights(uninterrupted_run, tmp_path / "models" / "cut" / "last.pt")
+
+
+def test_resume_cannot_stretch_a_cosine_schedule(uninterrupted_run, tmp_path):
+    result = run("VQ-VAE.py", "--resume", uninterrupted_run, "--num-epochs", "3", cwd=tmp_path,
+                 check=False, in_process=True)
+    assert_clean_failure(result, "--num-epochs 3", "cosine")
+    assert not (tmp_path / "models").exists()
 
 
 def test_nan_loss_stops_training_and_keeps_checkpoints(trained_run, data_folder):
