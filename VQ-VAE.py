@@ -31,7 +31,8 @@ from modules import (DEFAULT_CONFIG, LR_SCHEDULES, MNISTSplit, ArgumentParser, a
                      train_step, vqvae_from_config)
 from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, GRADIENTS
 
-# A --resume must agree with the checkpoint on these; others (epochs, device, ...) may be changed.
+# A --resume must agree with the checkpoint on these; others (device, epochs at a constant learning
+# rate, ...) may be changed.
 LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
                     "dead_code_threshold", "gradient", "conv_init_scale", "latent_init_scale",
                     "batch_size", "lr", "lr_schedule", "beta", "seed", "train_subset", "amp")

@@ -85,13 +85,16 @@ class VectorQuantizedVAE(nn.Module):
         network computes the same function afterwards, up to the factor `latent_scale` on z_e(x)."""
         # A conv followed by BatchNorm is scale-free: BatchNorm divides its scale out. Adam moves
         # every weight by ~lr per step whatever its size, so smaller weights turn faster: for these
-        # layers the init scale sets the effective learning rate (about lr / |w|).
+        # layers the init scale sets the effective learning rate (about lr / |w|). The running
+        # variance starts scaled alike, or eval mode would divide by a variance 1/scale^2 too large
+        # until the EMA forgets its start (a short run's eval-mode codes collapsed onto 1-3 codes).
         for seq in self.modules():
             if isinstance(seq, nn.Sequential):
                 for layer, following in zip(seq, seq[1:]):
                     if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and \
                             isinstance(following, nn.BatchNorm2d):
                         layer.weight.mul_(conv_scale)
+                        following.running_var.mul_(conv_scale ** 2)
         # z_e(x) is the residual stream conv(h) + block_1 + block_2: scaling that conv's weights and
         # each block's last BatchNorm gain scales z_e(x). The commitment loss beta ||z_e - sg[e]||^2
         # is measured in these units, so a smaller latent is held less tightly at the same beta.
@@ -204,7 +207,8 @@ def evaluate_vqvae(model, split, batch_size=500):
 
 
 # The training defaults (VQ-VAE.py's flags), chosen by the ablation in README.md. The seed repo's
-# configuration is {"codebook": "loss", "codebook_init": "uniform", "dead_code_threshold": 0.0}.
+# configuration is {"codebook": "loss", "codebook_init": "uniform", "dead_code_threshold": 0.0,
+# "lr_schedule": "constant", "conv_init_scale": 1.0, "latent_init_scale": 1.0}.
 DEFAULT_CONFIG = {"hidden_size": 40, "k": 512, "codebook": "ema", "codebook_init": "kmeans",
                   "ema_decay": 0.9, "dead_code_threshold": 6.0, "lr_schedule": "cosine",
                   "gradient": "straight-through", "conv_init_scale": 0.1, "latent_init_scale": 0.5}
