@@ -23,9 +23,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from modules import (DEFAULT_CONFIG, LR_SCHEDULES, MNISTSplit, ArgumentParser, apply_resume_config,
-                     code_usage, decay_float, evaluate_vqvae, fail, load_resume_checkpoint,
-                     load_state, make_optimizer, make_scheduler, maybe_compile, nonnegative_float,
+from modules import (DEFAULT_CONFIG, LR_SCHEDULES, MNISTSplit, ArgumentParser, agree_to_stop,
+                     apply_resume_config, code_usage, decay_float, end_distributed, evaluate_vqvae,
+                     fail, load_optimizer_state, load_resume_checkpoint, load_state, make_optimizer,
+                     make_precision, make_scheduler, maybe_compile, nonnegative_float,
                      nonnegative_int, positive_float, positive_int, prepare_run_folders,
                      resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
                      train_step, vqvae_from_config)
@@ -78,7 +79,11 @@ def build_parser():
     g = p.add_argument_group("speed")
     g.add_argument("--data-pipeline", choices=("device", "torchvision"), default="device",
                    help="device: whole split as uint8 on the device; torchvision: the seed's loader")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (quantizer stays float32)")
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision fitting the hardware: bf16 on GPUs of compute capability "
+                        "8.0+ (A100, H100, H200, RTX 30xx+) and on CPUs with AVX512-BF16/AMX; fp16 "
+                        "with loss scaling on older GPUs (T4, V100); float32 with a warning on "
+                        "other CPUs. The quantizer's distances and EMA statistics stay float32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g = p.add_argument_group("runs")
     g.add_argument("--resume", default=None, help="continue from a last.pt checkpoint")
@@ -142,6 +147,7 @@ def main(args, checkpoint=None):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     learned_codebook = args.codebook == "loss"
     optimizer = make_optimizer(model, args.lr, device)
+    amp_dtype, scaler = make_precision(device, args.amp)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     total_steps = min(args.num_epochs * steps_per_epoch, args.max_steps or float("inf"))
     scheduler = make_scheduler(optimizer, args.lr_schedule, total_steps)
@@ -149,7 +155,9 @@ def main(args, checkpoint=None):
     start_epoch, step, batch_in_epoch, best_loss = 0, 0, 0, float("inf")
     if checkpoint:
         load_state(model, checkpoint["state_dict"], "--resume", args.resume)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
         if scheduler:
             scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"], shuffle)
@@ -164,7 +172,7 @@ def main(args, checkpoint=None):
     def checkpoint_dict(epoch, batch, shuffle_state, metrics):
         return {"kind": "vqvae", "state_dict": raw_model.state_dict(), "config": config,
                 "epoch": epoch, "batch_in_epoch": batch, "step": step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else None,
                 "rng": {**rng_state(shuffle), "shuffle": shuffle_state},
                 "best_loss": best_loss, "metrics": metrics}
@@ -198,23 +206,32 @@ def main(args, checkpoint=None):
 
     if rank == 0:
         print(f"training {args.output_folder}: {len(train_set)} train / {len(test_set)} test images, "
-              f"device {device}, {world_size} process(es), seed {args.seed}")
+              f"device {device}, {world_size} process(es), seed {args.seed}, "
+              f"{str(amp_dtype or torch.float32).split('.')[1]}")
     pending = []  # per-step scalars kept on the device until the next host sync
 
-    def flush():
-        """One host sync: write the pending per-step scalars, stop on a non-finite loss."""
+    def sync_point():
+        """The one host sync, at a step every process reaches: write the pending per-step scalars,
+        then agree with the other processes on stopping, so that they all stop at this step.
+        -> (the last loss, the signal number that asks to stop or 0)."""
         rows = torch.stack(pending).tolist()
+        pending.clear()
         first_step = step - len(rows) + 1
-        for i, row in enumerate(rows):
-            if not all(map(np.isfinite, row[:4])):
-                bar.close()
-                fail(f"loss became {row[0]} at step {first_step + i}; training stopped, the "
-                     f"checkpoints already in {model_dir}/ are untouched", status=1)
-            if writer:
+        bad = next((i for i, row in enumerate(rows) if not all(map(np.isfinite, row[:4]))), None)
+        if writer:
+            for i, row in enumerate(rows[:bad]):
                 for tag, value in zip(TRAIN_SCALARS, row):
                     writer.add_scalar(tag, value, first_step + i)
-        pending.clear()
-        return rows[-1][0]
+        signum, nonfinite = agree_to_stop(stop_signal[0] if stop_signal else 0, bad is not None,
+                                          world_size, device)
+        if nonfinite:
+            bar.close()
+            end_distributed(world_size)
+            where = f"became {rows[bad][0]} at step {first_step + bad}" if bad is not None else \
+                f"became non-finite in another process by step {step}"
+            fail(f"loss {where}; training stopped, the checkpoints already in {model_dir}/ are "
+                 f"untouched", status=1)
+        return rows[-1][0], signum
 
     for epoch in range(start_epoch, args.num_epochs):
         if step >= total_steps:
@@ -228,7 +245,7 @@ def main(args, checkpoint=None):
                    desc=f"epoch {epoch + 1}/{args.num_epochs}", leave=False, dynamic_ncols=True)
         for images, _ in bar:
             loss, reconstruction_loss, codebook_loss, commitment_loss, indices = \
-                train_step(model, optimizer, images, args.beta, learned_codebook, args.amp)
+                train_step(model, optimizer, scaler, images, args.beta, learned_codebook, amp_dtype)
             if scheduler:
                 scheduler.step()
             _, perplexity, used = code_usage(indices, args.k)
@@ -236,19 +253,22 @@ def main(args, checkpoint=None):
                                         perplexity, used.float()]))
             step += 1
             batch_in_epoch += 1
-            if step % args.log_every == 0 or stop_signal or step >= total_steps:
-                bar.set_postfix(loss=f"{flush():.4f}")
-            if stop_signal:
-                if rank == 0:
-                    save("last.pt", checkpoint_dict(epoch, batch_in_epoch, shuffle_state, None))
-                    print(f"\nstopped by signal {stop_signal[0]} at step {step}; resume with:\n"
-                          f"  python VQ-VAE.py --resume {model_dir}/last.pt", file=sys.stderr)
-                sys.exit(128 + stop_signal[0])
+            # Alone, a signal is acted on at once; under torchrun at the next common sync point.
+            if step % args.log_every == 0 or step >= total_steps or \
+                    batch_in_epoch == steps_per_epoch or world_size == 1 and stop_signal:
+                last_loss, signum = sync_point()
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                if signum:
+                    bar.close()
+                    if rank == 0:
+                        save("last.pt", checkpoint_dict(epoch, batch_in_epoch, shuffle_state, None))
+                        print(f"\nstopped by signal {signum} at step {step}; resume with:\n"
+                              f"  python VQ-VAE.py --resume {model_dir}/last.pt", file=sys.stderr)
+                    end_distributed(world_size)
+                    sys.exit(128 + signum)
             if step >= total_steps:
                 break
         bar.close()
-        if pending:
-            flush()
         batch_in_epoch = 0
         train_seconds = time.time() - started
         if world_size > 1:
@@ -287,7 +307,7 @@ def main(args, checkpoint=None):
     if world_size > 1:  # lets a user (and the tests) see that the replicas stayed in step
         checksum = sum(p.double().sum().item() for p in raw_model.parameters())
         print(f"rank {rank} parameter checksum {checksum:.10e}")
-        dist.destroy_process_group()
+    end_distributed(world_size)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from modules import (DEFAULT_CONFIG, MNISTSplit, ArgumentParser, make_optimizer, maybe_compile,
+from modules import (DEFAULT_CONFIG, MNISTSplit, ArgumentParser, make_optimizer, make_precision, maybe_compile,
                      nonnegative_int, positive_int, resolve_device, train_step, vqvae_from_config)
 
 
@@ -32,15 +32,16 @@ def time_pipeline(args, device, pipeline, amp, compile_model):
     split = MNISTSplit(args.data_folder, True, device, pipeline, args.num_workers)
     model = vqvae_from_config(DEFAULT_CONFIG).to(device)
     optimizer = make_optimizer(model, 2e-4, device)
+    amp_dtype, scaler = make_precision(device, amp)
     if compile_model:
         model = maybe_compile(model, device)
     batches = split.batches(args.batch_size, torch.randperm(len(split)))
     for _ in range(args.warmup):
-        train_step(model, optimizer, next(batches)[0], 1.0, False, amp)
+        train_step(model, optimizer, scaler, next(batches)[0], 1.0, False, amp_dtype)
     synchronize(device)
     started = time.perf_counter()
     for _ in range(args.steps):
-        train_step(model, optimizer, next(batches)[0], 1.0, False, amp)
+        train_step(model, optimizer, scaler, next(batches)[0], 1.0, False, amp_dtype)
     synchronize(device)
     return (time.perf_counter() - started) / args.steps * 1000
 
@@ -65,7 +66,7 @@ def main():
     p.add_argument("--warmup", type=positive_int, default=5)
     p.add_argument("--num-workers", type=nonnegative_int, default=max(os.cpu_count() - 1, 0))
     p.add_argument("--data-folder", default="data")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on the fast path")
+    p.add_argument("--amp", action="store_true", help="VQ-VAE.py's --amp on the fast path")
     p.add_argument("--compile", action="store_true", help="torch.compile on the fast path")
     p.add_argument("--full-run", action="store_true", help="also time a whole 10-epoch run")
     p.add_argument("--json", action="store_true")
@@ -74,7 +75,7 @@ def main():
     steps_per_epoch = -(-60000 // args.batch_size)
     rows = {"seed-style (torchvision, fp32, eager)": time_pipeline(args, device, "torchvision",
                                                                    False, False),
-            f"fast path (device{', bf16' * args.amp}{', compile' * args.compile})":
+            f"fast path (device{', amp' * args.amp}{', compile' * args.compile})":
                 time_pipeline(args, device, "device", args.amp, args.compile)}
     result = {"device": str(device), "gpu": torch.cuda.get_device_name(device)
               if device.type == "cuda" else None, "torch": torch.__version__,

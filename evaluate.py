@@ -9,8 +9,8 @@ code map costs in bits: 49 log2 K for a uniform code, 49 H(p) at the measured co
 import json
 import math
 
-from modules import (MNISTSplit, ArgumentParser, evaluate_vqvae, load_vqvae, positive_int,
-                     resolve_device)
+from modules import (MNISTSplit, ArgumentParser, add_vqvae_size_flags, evaluate_vqvae, load_vqvae,
+                     positive_int, resolve_device, vqvae_sizes)
 
 
 def measure(model, split):
@@ -31,9 +31,10 @@ def main():
     p.add_argument("--data-folder", default="data")
     p.add_argument("--test-subset", type=positive_int, default=None, help="first N test images")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_vqvae_size_flags(p)
     args = p.parse_args()
     device = resolve_device(args.device)
-    model, _ = load_vqvae(args.model, device)
+    model, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     result = measure(model, MNISTSplit(args.data_folder, False, device, limit=args.test_subset))
     if args.json:
         print(json.dumps(result))

@@ -16,9 +16,9 @@ import os
 import torch
 from torchvision.utils import save_image
 
-from modules import (MNISTSplit, ArgumentParser, fail, load_prior, load_vqvae, make_output_dirs,
+from modules import (MNISTSplit, ArgumentParser, add_vqvae_size_flags, fail, load_prior, load_vqvae, make_output_dirs,
                      nonnegative_int, positive_float, positive_int, resolve_device,
-                     save_checkpoint, to_uint8)
+                     save_checkpoint, to_uint8, vqvae_sizes)
 
 
 def build_parser():
@@ -26,13 +26,10 @@ def build_parser():
     p.add_argument("--model", required=True, help="VQ-VAE checkpoint (.pt)")
     p.add_argument("--input", choices=("MNIST", "random", "prior"), default="MNIST")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--hidden-size", "--hidden-size-vae", dest="hidden_size", type=positive_int,
-                   default=40, help="only for seed-style checkpoints without a config")
-    p.add_argument("--k", type=positive_int, default=512,
-                   help="only for seed-style checkpoints without a config")
     p.add_argument("--filename", default="generated", help="writes generatedImages/<filename>.png")
     p.add_argument("--data-folder", default="data", help="for --input MNIST")
     p.add_argument("--seed", type=nonnegative_int, default=0)
+    add_vqvae_size_flags(p, "--hidden-size")
     g = p.add_argument_group("prior (--input prior)")
     g.add_argument("--prior-model", help="checkpoint written by pixelcnn_prior.py")
     g.add_argument("--digit", type=int, choices=range(10), metavar="{0..9}", default=None)
@@ -60,9 +57,7 @@ def main():
         fail("--num-samples and --samples-out go together, with --input prior")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    given = {key: getattr(args, key) for key in ("hidden_size", "k")
-             if getattr(args, key) != parser.get_default(key)}
-    model, _ = load_vqvae(args.model, device, "--model", given)
+    model, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, model.codeBook.K) if args.input == "prior" else None
 
     def digits(n):

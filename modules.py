@@ -16,11 +16,12 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
-from vector_quantizer import VQEmbedding
+from vector_quantizer import VQEmbedding, count_codes
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -139,6 +140,16 @@ def make_optimizer(model, lr, device):
                             fused=torch.device(device).type == "cuda")
 
 
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict, except that the kernel choice (fused, foreach, capturable) stays
+    the one `optimizer` was built with for this device: a CPU checkpoint resumed on CUDA gets the
+    fused kernels, a CUDA one resumed on a CPU leaves them."""
+    kernels = {k: optimizer.defaults[k] for k in ("fused", "foreach", "capturable")
+               if k in optimizer.defaults}
+    optimizer.load_state_dict({**state, "param_groups": [{**group, **kernels}
+                                                         for group in state["param_groups"]]})
+
+
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -162,13 +173,52 @@ def maybe_compile(model, device):
         return model
 
 
-def train_step(model, optimizer, images, beta, learned_codebook, amp=False):
-    """One optimisation step (bf16 autocast when `amp`) -> the `vqvae_losses` tuple, detached."""
-    with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
+def amp_precision(device_type, capability=None, cpu_bf16=False):
+    """What --amp runs in, as a pure function of the hardware -> (autocast dtype or None for float32,
+    whether a GradScaler is needed). bf16 keeps float32's range, so it needs no loss scaling, but only
+    GPUs of compute capability 8.0+ (A100, RTX 30xx, H100, H200) and CPUs with AVX512-BF16 or AMX run
+    it natively; older GPUs (T4 sm_75, V100 sm_70) get fp16, whose small range needs a GradScaler;
+    other CPUs stay in float32."""
+    if device_type == "cuda":
+        return (torch.bfloat16, False) if capability >= (8, 0) else (torch.float16, True)
+    return (torch.bfloat16, False) if cpu_bf16 else (None, False)
+
+
+def cpu_has_native_bf16():
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# torch 2.2 has only the CUDA-specific class; fp16 (the only user of a scaler) is CUDA-only here.
+GradScaler = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
+
+
+def make_precision(device, amp):
+    """--amp on `device` -> (autocast dtype or None, a GradScaler: disabled unless fp16 needs it),
+    with a one-line warning where --amp falls back to float32."""
+    device = torch.device(device)
+    dtype, scaled = None, False
+    if amp:
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        dtype, scaled = amp_precision(device.type, capability, cpu_has_native_bf16())
+        if dtype is None:
+            print("warning: --amp: this CPU has no native bf16 (AVX512-BF16 or AMX); training in "
+                  "float32", file=sys.stderr)
+    return dtype, GradScaler(enabled=scaled)
+
+
+def train_step(model, optimizer, scaler, images, beta, learned_codebook, amp_dtype=None):
+    """One optimisation step, under autocast to `amp_dtype` when given -> the `vqvae_losses` tuple,
+    detached. `scaler` scales the loss for fp16 (a disabled one passes everything through)."""
+    with torch.autocast(images.device.type, amp_dtype or torch.bfloat16,
+                        enabled=amp_dtype is not None):
         losses = vqvae_losses(model, images, beta, learned_codebook)
     optimizer.zero_grad(set_to_none=True)
-    losses[0].backward()
-    optimizer.step()
+    scaler.scale(losses[0]).backward()
+    scaler.step(optimizer)  # with fused Adam the inf check stays on the device: no host sync
+    scaler.update()
     return tuple(t.detach() for t in losses)
 
 
@@ -180,7 +230,7 @@ def perplexity(counts):
 
 def code_usage(indices, K):
     """indices (any shape) -> (counts (K,), perplexity, codes used), all device tensors."""
-    counts = torch.bincount(indices.flatten(), minlength=K).float()
+    counts = count_codes(indices, K)
     return counts, perplexity(counts), (counts > 0).sum()
 
 
@@ -197,7 +247,7 @@ def evaluate_vqvae(model, split, batch_size=500):
         x_tilde, z_e_x, z_q_x, indices = model(images, return_indices=True)
         sums[0] += F.mse_loss(x_tilde.float(), images, reduction="sum")
         sums[1] += F.mse_loss(z_q_x.float(), z_e_x.float(), reduction="sum") / z_e_x[0].numel()
-        counts += torch.bincount(indices.flatten(), minlength=K)
+        counts += count_codes(indices, K)
     model.train(was_training)
     n = len(split)
     reconstruction, quantization = (sums / torch.tensor([n * 28 * 28, n], device=sums.device)).tolist()
@@ -239,8 +289,26 @@ def load_vqvae(path, device, flag="--model", sizes=None):
             fail(f"--{key.replace('_', '-')} {value} contradicts {flag} {path}, "
                  f"which was trained with {config[key]}")
     model = vqvae_from_config(config)
-    load_state(model, checkpoint["state_dict"], flag, path)
+    state_dict = checkpoint["state_dict"]
+    if checkpoint["config"] is None:
+        state_dict = with_seed_codebook_buffers(state_dict)
+    load_state(model, state_dict, flag, path)
     return model.to(device).eval(), checkpoint
+
+
+# The original repo's codebook is a bare nn.Embedding: its files hold none of these buffers.
+SEED_MISSING_BUFFERS = ("codeBook.cluster_size", "codeBook.embed_avg", "codeBook.initialized")
+
+
+def with_seed_codebook_buffers(state_dict):
+    """A bare state_dict written by the original repo -> the same with the three codebook buffers
+    a loss-codebook, already-initialised model has (the original's configuration). Anything else
+    that is missing or extra is left for `load_state` to refuse."""
+    weight = state_dict.get("codeBook.embedding.weight")
+    if weight is None or any(key in state_dict for key in SEED_MISSING_BUFFERS):
+        return state_dict
+    return {**state_dict, "codeBook.cluster_size": torch.ones(len(weight)),
+            "codeBook.embed_avg": weight.clone(), "codeBook.initialized": torch.tensor(True)}
 
 
 # ------------------------------------------------------------------------------ prior over codes
@@ -257,18 +325,28 @@ class GatedMaskedConv2d(nn.Module):
         super().__init__()
         self.first = first  # mask 'A': the current position itself is hidden
         half = kernel // 2
-        # Vertical: kernel (half + 1, kernel) padded by `half` on top; cropping to H output rows
-        # makes row i see rows i - half .. i of the layer below.
-        self.vertical = nn.Conv2d(dim, 2 * dim, (half + 1, kernel), padding=(half, half))
+        # Causal by shape, not by a mask: a kernel that has no tap on the hidden row or column cannot
+        # see it, whatever its weights, device or copy. Padded by `half` and cropped to the first H
+        # output rows, a kernel of `rows` rows makes row i see rows i - half .. i - half + rows - 1
+        # of the layer below: up to row i itself, or (first layer) up to row i - 1 only.
+        rows, columns = (half, half) if first else (half + 1, half + 1)
+        self.vertical = nn.Conv2d(dim, 2 * dim, (rows, kernel), padding=(half, half))
         self.vertical_to_horizontal = nn.Conv2d(2 * dim, 2 * dim, 1)
-        # Horizontal: kernel (1, half + 1), column j sees columns j - half .. j.
-        self.horizontal = nn.Conv2d(dim, 2 * dim, (1, half + 1), padding=(0, half))
+        # Horizontal, likewise: column j sees columns j - half .. j (first layer: .. j - 1).
+        self.horizontal = nn.Conv2d(dim, 2 * dim, (1, columns), padding=(0, half))
         self.horizontal_out = nn.Conv2d(dim, dim, 1)
-        if first:  # hide row i from the vertical stack and column j from the horizontal one
-            self.vertical.weight.data[:, :, -1].zero_()
-            self.horizontal.weight.data[:, :, :, -1].zero_()
-            self.vertical.weight.register_hook(lambda g: g.index_fill(2, torch.tensor([half]), 0))
-            self.horizontal.weight.register_hook(lambda g: g.index_fill(3, torch.tensor([half]), 0))
+        if first:
+            self._register_load_state_dict_pre_hook(self._drop_masked_taps)
+
+    def _drop_masked_taps(self, state_dict, prefix, *_):
+        """Priors written before the first layer was causal by shape kept the hidden row and column
+        as zeroed weights: drop them, which leaves the function unchanged."""
+        for name, dim in (("vertical", 2), ("horizontal", 3)):
+            key = f"{prefix}{name}.weight"
+            wanted = getattr(self, name).weight.size(dim)
+            if key in state_dict and state_dict[key].dim() == 4 and \
+                    state_dict[key].size(dim) == wanted + 1:
+                state_dict[key] = state_dict[key].narrow(dim, 0, wanted)
 
     @staticmethod
     def gate(x):
@@ -475,11 +553,12 @@ class MNISTSplit:
         split (default: file order); batching skips the first `start` batches (resume) and, under
         DDP, each rank takes every world_size-th image of each global batch."""
         order = torch.arange(self.size) if order is None else order
+        if self.pipeline == "device":  # one copy per epoch, not one per batch
+            order = order.to(self.device)
         slices = [order[i:i + batch_size][rank::world_size]
                   for i in range(start * batch_size, self.size, batch_size)]
         if self.pipeline == "device":
             for idx in slices:
-                idx = idx.to(self.device)
                 yield normalize(self.images[idx]), self.labels[idx]
             return
         # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, and the
@@ -552,13 +631,22 @@ def load_resume_checkpoint(path, kind):
 
 
 def load_state(model, state_dict, flag, path):
-    """load_state_dict with a one-line error when the sizes do not match the model."""
+    """load_state_dict, or one line naming the first keys that are missing, unexpected or of
+    another size (the model is then discarded: `fail` exits)."""
+    def first(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    expected = model.state_dict()
+    problems = [f"{what} {first(keys)}" for what, keys in
+                (("missing", [k for k in expected if k not in state_dict]),
+                 ("unexpected", [k for k in state_dict if k not in expected])) if keys]
     try:
-        model.load_state_dict(state_dict)
+        model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line),
-                      str(e).splitlines()[0])
-        fail(f"{flag} {path}: weights do not fit the model ({detail})")
+        resized = [line.split("size mismatch for ")[1].split(":")[0]
+                   for line in str(e).splitlines() if "size mismatch for " in line]
+        problems.append(f"other sizes: {first(resized)}" if resized else str(e).splitlines()[0])
+    if problems:
+        fail(f"{flag} {path}: weights do not fit the model ({'; '.join(problems)})")
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -592,6 +680,22 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 decay_float = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+
+
+def add_vqvae_size_flags(parser, *aliases):
+    """--hidden-size-vae (and `aliases`) and --k: the sizes of a seed-style bare state_dict, which
+    has no config; for a checkpoint of this repo they are optional and must agree with it."""
+    g = parser.add_argument_group("VQ-VAE sizes (only needed for the original repo's bare state_dicts)")
+    g.add_argument(*aliases, "--hidden-size-vae", dest="vqvae_hidden_size", type=positive_int,
+                   default=None, metavar="D", help="codeword size D (40 when the file does not say)")
+    g.add_argument("--k", dest="vqvae_k", type=positive_int, default=None, metavar="K",
+                   help="number of codewords K (512 when the file does not say)")
+
+
+def vqvae_sizes(args):
+    """The sizes given with `add_vqvae_size_flags`' flags, as `load_vqvae` takes them."""
+    return {key: value for key, value in (("hidden_size", args.vqvae_hidden_size),
+                                          ("k", args.vqvae_k)) if value is not None}
 
 
 def resolve_device(name):
@@ -663,11 +767,41 @@ def rng_state(shuffle):
 def set_rng_state(state, shuffle):
     torch.set_rng_state(state["torch"])
     shuffle.set_state(state["shuffle"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    restore_cuda_rng(state["cuda"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+
+
+def restore_cuda_rng(states):
+    """The saved RNG state of each GPU that exists here; GPUs the checkpoint knew and this machine
+    lacks are skipped, GPUs it did not know keep their seeded state, with a warning either way."""
+    present = torch.cuda.device_count()
+    if states and len(states) != present:
+        print(f"warning: the checkpoint holds the random state of {len(states)} GPU(s), this "
+              f"machine has {present}; restoring {min(len(states), present)}", file=sys.stderr)
+    for index, cuda_state in enumerate(states[:present]):
+        torch.cuda.set_rng_state(cuda_state, index)
+
+
+def agree_to_stop(signum, nonfinite, world_size, device):
+    """-> (signal number, whether a loss was non-finite), each the maximum over all processes. Every
+    process calls it at the same step (one all-reduce), so a signal that reached one process, or a
+    NaN in one, stops them all at that step instead of leaving the rest waiting in a collective."""
+    if world_size == 1:
+        return signum, nonfinite
+    flags = torch.tensor([signum, int(nonfinite)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    signum, nonfinite = flags.tolist()
+    return signum, bool(nonfinite)
+
+
+def end_distributed(world_size):
+    """Under torchrun: wait for every process (rank 0 may be writing a checkpoint), then leave the
+    process group, so that all exit together and cleanly."""
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def seed_everything(seed):

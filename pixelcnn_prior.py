@@ -17,10 +17,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from modules import (LR_SCHEDULES, GatedPixelCNN, MNISTSplit, ArgumentParser, apply_resume_config,
-                     load_resume_checkpoint, load_state, load_vqvae, make_scheduler, nonnegative_int,
-                     positive_float, positive_int, prepare_run_folders, resolve_device, rng_state,
-                     save_checkpoint, seed_everything, set_rng_state)
+from modules import (LR_SCHEDULES, GatedPixelCNN, MNISTSplit, ArgumentParser, add_vqvae_size_flags,
+                     apply_resume_config, load_optimizer_state, load_resume_checkpoint, load_state,
+                     load_vqvae, make_optimizer, make_scheduler, nonnegative_int, positive_float, positive_int, prepare_run_folders, resolve_device, rng_state,
+                     save_checkpoint, seed_everything, set_rng_state, vqvae_sizes)
 
 LOCKED_ON_RESUME = ("num_layers", "hidden_size", "batch_size", "lr", "lr_schedule", "seed",
                     "train_subset")
@@ -62,6 +62,7 @@ def build_parser():
     p.add_argument("--train-subset", type=positive_int, default=None)
     p.add_argument("--test-subset", type=positive_int, default=None)
     p.add_argument("--log-every", type=positive_int, default=50)
+    add_vqvae_size_flags(p)
     return p
 
 
@@ -73,7 +74,7 @@ def main():
         checkpoint = load_resume_checkpoint(args.resume, "prior")
         apply_resume_config(parser, args, checkpoint["config"], LOCKED_ON_RESUME)
     device = resolve_device(args.device)
-    vqvae, _ = load_vqvae(args.vqvae_model, device, "--vqvae-model")
+    vqvae, _ = load_vqvae(args.vqvae_model, device, "--vqvae-model", vqvae_sizes(args))
     log_dir, model_dir = prepare_run_folders(args.output_folder, args.resume, args.overwrite)
     shuffle = seed_everything(args.seed)
     train_codes, train_labels = extract_codes(
@@ -83,14 +84,14 @@ def main():
     K = vqvae.codeBook.K
     config = {**{k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}, "k": K}
     prior = GatedPixelCNN(K, args.hidden_size, args.num_layers).to(device)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=args.lr)
+    optimizer = make_optimizer(prior, args.lr, device)
     n = len(train_codes)
     total_steps = args.num_epochs * -(-n // args.batch_size)
     scheduler = make_scheduler(optimizer, args.lr_schedule, total_steps)
     start_epoch, step, best = 0, 0, float("inf")
     if checkpoint:
         load_state(prior, checkpoint["state_dict"], "--resume", args.resume)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         if scheduler and checkpoint.get("scheduler"):
             scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"], shuffle)

@@ -18,10 +18,11 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from generate import sample_prior
-from modules import (MNISTClassifier, MNISTSplit, ArgumentParser, load_checkpoint, load_prior,
-                     load_state, load_vqvae, nonnegative_int, normalize, positive_float,
-                     positive_int, resolve_device, to_uint8)
+from modules import (MNISTClassifier, MNISTSplit, ArgumentParser, add_vqvae_size_flags,
+                     load_checkpoint, load_prior, load_state, load_vqvae, nonnegative_int, normalize,
+                     positive_float, positive_int, resolve_device, to_uint8, vqvae_sizes)
 from classifier import TRAIN_IMAGES
+from vector_quantizer import count_codes
 
 
 class Judge(nn.Module):
@@ -53,11 +54,12 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--json", action="store_true")
+    add_vqvae_size_flags(p)
     args = p.parse_args()
     warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    vqvae, _ = load_vqvae(args.model, device)
+    vqvae, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, vqvae.codeBook.K)
     checkpoint = load_checkpoint(args.classifier, "classifier", "--classifier")
     classifier = MNISTClassifier()
@@ -71,7 +73,7 @@ def main():
     labels = torch.arange(n, device=device) % 10
     with torch.no_grad():
         train_codes = in_batches(vqvae.encode, torch.cat([x for x, _ in train.batches(1000)]))
-        histogram = torch.bincount(train_codes.flatten(), minlength=K).float()
+        histogram = count_codes(train_codes, K)
         sources = {  # name -> (uint8 images (N, 1, 28, 28), requested labels or None)
             "seed `--input random` (noise through the VQ-VAE)": (to_uint8(in_batches(
                 lambda x: vqvae(x)[0], torch.normal(0.5, 0.5, (n, 1, 28, 28), device=device))),

@@ -276,13 +276,60 @@ def test_generate_writes_a_grid(trained_run, data_folder, source):
     assert image.std() > 10  # not blank
 
 
-def test_generate_reads_seed_style_state_dict(trained_run, tmp_path):
-    cwd, _ = trained_run
-    state_dict = torch.load(cwd / "models" / "tiny" / "best.pt", weights_only=True)["state_dict"]
-    torch.save(state_dict, tmp_path / "bare.pt")
-    run("generate.py", "--model", tmp_path / "bare.pt", "--hidden-size-vae", 16, "--k", 32,
-        "--input", "random", "--filename", "bare", cwd=tmp_path)
-    assert (tmp_path / "generatedImages" / "bare.png").exists()
+PRETRAINED_VQVAE = os.path.join(REPO, "models", "pretrained", "vqvae_mnist.pt")
+
+
+def original_repo_checkpoint(path):
+    """A checkpoint as the original repo writes it: its model (this repo's network with the seed's
+    bare nn.Embedding codebook, so exactly the original's keys), `torch.save(model.state_dict(), f)`.
+    The weights are the committed VQ-VAE's, so its reconstructions are real ones."""
+    trained = torch.load(PRETRAINED_VQVAE, weights_only=True)
+    model = VectorQuantizedVAE(1, 40, 512)
+    model.codeBook = torch.nn.Module()
+    model.codeBook.embedding = torch.nn.Embedding(512, 40)
+    model.load_state_dict({k: v for k, v in trained["state_dict"].items()
+                           if not k.startswith("codeBook.") or k == "codeBook.embedding.weight"})
+    torch.save(model.state_dict(), path)
+
+
+def test_original_repo_checkpoint_draws_and_evaluates(data_folder, tmp_path):
+    original_repo_checkpoint(tmp_path / "best.pt")
+    assert not any(k.startswith("codeBook.") and k != "codeBook.embedding.weight"
+                   for k in torch.load(tmp_path / "best.pt", weights_only=True))
+    run("generate.py", "--model", "best.pt", "--input", "MNIST", "--filename", "seed",
+        "--data-folder", data_folder, cwd=tmp_path, in_process=True)
+    grid = np.asarray(Image.open(tmp_path / "generatedImages" / "seed.png").convert("L")) / 255.0
+    from torchvision.utils import make_grid
+    images, _ = next(MNISTSplit(data_folder, False, "cpu", limit=100).batches(100))
+    real = make_grid(images, nrow=10, normalize=True, value_range=(-1, 1))[0].numpy()
+    assert grid.std() > 0.1  # not blank, and far closer to the input than its mean image is
+    assert ((grid - real) ** 2).mean() < 0.1 * ((real.mean() - real) ** 2).mean()
+    import json
+    figures = [json.loads(run("evaluate.py", "--model", model, "--data-folder", data_folder,
+                              "--test-subset", 500, "--json", cwd=tmp_path, in_process=True).stdout)
+               for model in ("best.pt", PRETRAINED_VQVAE)]
+    assert figures[0] == figures[1]  # the same weights as the committed checkpoint: same figures
+    assert figures[0]["test_mse"] < 0.02
+
+
+@pytest.mark.parametrize("damage", ["extra", "missing", "other_size"])
+def test_original_repo_checkpoint_with_other_keys_is_refused(tmp_path, damage):
+    original_repo_checkpoint(tmp_path / "best.pt")
+    state_dict = torch.load(tmp_path / "best.pt", weights_only=True)
+    key = {"extra": "decoder.99.weight", "missing": "decoder.4.weight",
+           "other_size": "encoder.0.weight"}[damage]
+    if damage == "extra":
+        state_dict[key] = torch.zeros(1)
+    elif damage == "missing":
+        del state_dict[key]
+    else:
+        state_dict[key] = torch.zeros(3)
+    torch.save(state_dict, tmp_path / "damaged.pt")
+    result = run("generate.py", "--model", "damaged.pt", "--hidden-size-vae", 40, "--k", 512,
+                 "--input", "random", cwd=tmp_path, check=False, in_process=True)
+    assert_clean_failure(result, "damaged.pt", key)
+    assert "cluster_size" not in result.stderr  # the filled buffers are never named
+    assert not (tmp_path / "generatedImages").exists()
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -700,11 +747,9 @@ def test_tensorboard_server_serves_the_logs(trained_run):
 
 
 # ---------------------------------------------------------------------------------------- prior
-def test_prior_is_causal_without_blind_spot():
-    from modules import GatedPixelCNN
-    torch.manual_seed(0)
-    prior = GatedPixelCNN(K=16, dim=8, num_layers=6)
-    x = prior.embedding(torch.randint(16, (1, 7, 7))).permute(0, 3, 1, 2).detach().requires_grad_()
+def assert_causal_without_blind_spot(prior, K):
+    """The logits at (i, j) depend on every code before (i, j) in raster order, and on no other."""
+    x = prior.embedding(torch.randint(K, (1, 7, 7))).permute(0, 3, 1, 2).detach().requires_grad_()
     logits = prior.output(prior.stacks_embedded(x, torch.tensor([3])))   # (1, K, 7, 7)
     raster = torch.arange(49).view(7, 7)
     for i in range(7):
@@ -714,19 +759,33 @@ def test_prior_is_causal_without_blind_spot():
             assert torch.equal(influences, raster < 7 * i + j), (i, j)
 
 
-def test_prior_first_layer_mask_survives_training():
+def test_prior_is_causal_without_blind_spot():
     from modules import GatedPixelCNN
-    prior = GatedPixelCNN(K=16, dim=8, num_layers=2)
+    torch.manual_seed(0)
+    assert_causal_without_blind_spot(GatedPixelCNN(K=16, dim=8, num_layers=6), 16)
+
+
+def test_prior_stays_causal_after_copy_training_and_device_moves():
+    """Causal by construction: a deep copy (as an EMA of the weights makes) trained with Adam, and
+    a move to another device type and back with every weight drawn anew, still see no future code."""
+    import copy
+    from modules import GatedPixelCNN
+    torch.manual_seed(0)
+    prior = copy.deepcopy(GatedPixelCNN(K=16, dim=8, num_layers=3))
     optimizer = torch.optim.Adam(prior.parameters(), lr=0.1)
     codes = torch.randint(16, (4, 7, 7))
-    for _ in range(3):
+    for _ in range(5):
         loss = torch.nn.functional.cross_entropy(prior(codes, torch.zeros(4, dtype=torch.long)), codes)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    first = prior.layers[0]
-    assert first.vertical.weight[:, :, -1].abs().max() == 0
-    assert first.horizontal.weight[:, :, :, -1].abs().max() == 0
+    assert_causal_without_blind_spot(prior, 16)
+    moved = prior.to("meta")
+    assert moved(codes.to("meta"), torch.zeros(4, dtype=torch.long, device="meta")).shape == (4, 16, 7, 7)
+    moved = moved.to_empty(device="cpu")
+    for parameter in moved.parameters():
+        torch.nn.init.normal_(parameter)
+    assert_causal_without_blind_spot(moved, 16)
 
 
 def test_prior_conditioning_and_sampling():

@@ -25,6 +25,14 @@ def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def count_codes(indices, K):
+    """indices (any shape) int64 -> how often each code occurs (K,) float32. A scatter-add, not
+    torch.bincount: bincount's output size depends on the data, so on CUDA it waits for the values
+    (a host sync in every training step)."""
+    flat = indices.reshape(-1)
+    return torch.zeros(K, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
+
+
 def vq(inputs, codebook):
     """Nearest codeword for every row: inputs (..., D), codebook (K, D) -> indices (...) int64.
 
@@ -105,7 +113,7 @@ def kmeans(samples, k, iterations=10):
     for _ in range(iterations):
         assign = vq(samples, centroids)                                   # (N,)
         sums = torch.zeros_like(centroids).index_add_(0, assign, samples)
-        counts = torch.bincount(assign, minlength=k).float().unsqueeze(1)
+        counts = count_codes(assign, k).unsqueeze(1)
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
     return centroids
 
@@ -185,7 +193,7 @@ class VQEmbedding(nn.Module):
         """flat (N, D) encoder outputs of this batch and their codes (N,); statistics in float32.
         Writes go through `.data` so tensors autograd saved this step keep their version."""
         flat = flat.float()
-        counts = torch.bincount(indices, minlength=self.K).float()       # (K,)
+        counts = count_codes(indices, self.K)                             # (K,)
         if self.codebook == "ema":
             embed_sum = torch.zeros_like(self.embed_avg).index_add_(0, indices, flat)  # (K, D)
             if _distributed():
