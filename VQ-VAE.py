@@ -260,10 +260,12 @@ def main(args, checkpoint=None):
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 if signum:
                     bar.close()
+                    who = f"rank {rank} " if world_size > 1 else ""
+                    print(f"\n{who}stopped by signal {signum} at step {step}", file=sys.stderr)
                     if rank == 0:
                         save("last.pt", checkpoint_dict(epoch, batch_in_epoch, shuffle_state, None))
-                        print(f"\nstopped by signal {signum} at step {step}; resume with:\n"
-                              f"  python VQ-VAE.py --resume {model_dir}/last.pt", file=sys.stderr)
+                        print(f"resume with:\n  python VQ-VAE.py --resume {model_dir}/last.pt",
+                              file=sys.stderr)
                     end_distributed(world_size)
                     sys.exit(128 + signum)
             if step >= total_steps:
