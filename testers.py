@@ -141,9 +141,20 @@ def test_vq_st_gradient2():
 
 
 def test_vq_stays_float32_under_bf16_autocast():
-    inputs, codebook = torch.randn(64, 8), torch.randn(16, 8)
+    """A near-tie that bf16 distances get wrong (||e||^2 + ||x||^2 - 2 x.e cancels to bf16's
+    resolution, and code 0 would win): under --amp's autocast the lookup and the EMA codebook
+    statistics stay float32."""
+    inputs = torch.ones(4, 8)
+    codebook = torch.ones(2, 8)
+    codebook[0, 0] += 0.03  # farther
+    codebook[1, 0] += 0.01  # nearest
+    quantizer = VQEmbedding(2, 8, codebook="ema", decay=0.5)
+    quantizer.embedding.weight.data.copy_(codebook)
     with torch.autocast("cpu", torch.bfloat16):
-        assert torch.equal(vq(inputs, codebook), vq(inputs.double(), codebook.double()))
+        assert vq(inputs, codebook).tolist() == [1, 1, 1, 1]
+        _, _, indices = quantizer.quantize(inputs.view(4, 8, 1, 1))
+    assert indices.flatten().tolist() == [1, 1, 1, 1]
+    assert quantizer.cluster_size.dtype == quantizer.embed_avg.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------- model
@@ -1060,6 +1071,17 @@ def test_benchmark_reports_both_pipelines(tmp_path, data_folder):
     for row in report["rows"]:  # figures are printed, never asserted on
         assert row["ms_per_step"] > 0 and row["images_per_s"] > 0 and row["s_per_epoch"] > 0
     assert report["speedup"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs every script for minutes on a GPU")
+def test_gpu_check_says_there_is_no_gpu_and_exits_0(tmp_path):
+    import json
+    result = run("gpu_check.py", cwd=tmp_path, check=False, in_process=True)
+    assert result.returncode in (0, None), result.stderr
+    first, report = result.stdout.strip().splitlines()
+    assert "no CUDA GPU" in first
+    assert json.loads(report)["gpu_check"]["checks"] == []
+    assert os.listdir(tmp_path) == []
 
 
 def test_sample_quality_reports_every_source(trained_prior, data_folder):

@@ -1,0 +1,211 @@
+"""Run every script of the repo on a CUDA GPU, as a user would, and print one table and one JSON line.
+
+    python3 gpu_check.py                  # the first GPU; says so and exits 0 when there is none
+    python3 gpu_check.py --device cpu     # the same checks on the CPU, to try the check itself
+
+Each check runs a script in a scratch folder with short settings (a few hundred steps) and reads its
+output; the last one is `benchmark.py --full-run`, the whole README-default run. Two checks run in
+this process: a few training steps under `torch.cuda.set_sync_debug_mode("error")`, once at the
+precision --amp picks here and once in fp16 with a GradScaler (what a T4 gets), so a host sync in
+the step fails the check. Exit status 0 when every check passed (or there is no GPU), else 1.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from modules import (DEFAULT_CONFIG, GradScaler, MNISTSplit, ArgumentParser, code_usage,
+                     make_optimizer, make_precision, make_scheduler, positive_int,
+                     prepare_mnist, resolve_device, train_step, vqvae_from_config)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+PRETRAINED = os.path.join(REPO, "models", "pretrained")
+SHORT = ["--num-epochs", "1", "--max-steps", "300", "--test-subset", "2000", "--seed", "0",
+         "--num-workers", "0"]
+
+
+def script_checks(device, data, full_run):
+    """(name, command, what to read from its output) for every script."""
+    vqvae = [sys.executable, os.path.join(REPO, "VQ-VAE.py"), "--device", device,
+             "--data-folder", data]
+    script = {name: [sys.executable, os.path.join(REPO, name), "--device", device,
+                     "--data-folder", data]
+              for name in ("pixelcnn_prior.py", "classifier.py", "generate.py", "evaluate.py",
+                           "sample_quality.py", "benchmark.py")}
+    cpu_run = [sys.executable, os.path.join(REPO, "VQ-VAE.py"), "--device", "cpu",
+               "--data-folder", data, "--output-folder", "moved", "--num-epochs", "1",
+               "--train-subset", "2560", "--test-subset", "500", "--lr-schedule", "constant",
+               "--seed", "0", "--num-workers", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                *vqvae[1:]]
+    prior = ["--prior-model", "models/prior/best.pt"]
+    return [
+        ("VQ-VAE.py, eager", [*vqvae, "--output-folder", "eager", *SHORT], epoch_line),
+        ("VQ-VAE.py --amp", [*vqvae, "--output-folder", "amp", "--amp", *SHORT], epoch_line),
+        ("VQ-VAE.py --compile", [*vqvae, "--output-folder", "compiled", "--compile", *SHORT],
+         epoch_line),
+        ("VQ-VAE.py --compile --amp",
+         [*vqvae, "--output-folder", "compiled_amp", "--compile", "--amp", *SHORT], epoch_line),
+        ("VQ-VAE.py --resume of a CPU checkpoint",
+         [*vqvae, "--resume", "models/moved/last.pt", "--num-epochs", "2"], epoch_line, cpu_run),
+        ("torchrun, 1 process", [*torchrun, "--output-folder", "torchrun", *SHORT], epoch_line),
+        ("pixelcnn_prior.py", [*script["pixelcnn_prior.py"], "--vqvae-model", "models/eager/best.pt",
+                               "--num-epochs", "1", "--train-subset", "5000", "--test-subset",
+                               "1000", "--output-folder", "prior"], last_line),
+        ("classifier.py", [*script["classifier.py"], "--num-epochs", "1", "--output-folder",
+                           "judge"], lambda out: out.splitlines()[-2]),
+        *[(f"generate.py --input {source}",
+           [*script["generate.py"], "--model", "models/eager/best.pt", "--input", source,
+            "--filename", source, *(prior if source == "prior" else [])], last_line)
+          for source in ("MNIST", "random", "prior")],
+        ("generate.py, prior samples to a file",
+         [*script["generate.py"], "--model", "models/eager/best.pt", "--input", "prior", *prior,
+          "--num-samples", "1000", "--samples-out", "samples.pt"], last_line),
+        ("evaluate.py, committed VQ-VAE",
+         [*script["evaluate.py"], "--model", os.path.join(PRETRAINED, "vqvae_mnist.pt"), "--json"],
+         lambda out: "test MSE {test_mse:.5f} (CPU: 0.00757), perplexity {perplexity:.1f}".format(
+             **json.loads(out))),
+        ("sample_quality.py, 1,000 samples",
+         [*script["sample_quality.py"], "--model", os.path.join(PRETRAINED, "vqvae_mnist.pt"),
+          "--prior-model", os.path.join(PRETRAINED, "prior_mnist.pt"), "--classifier",
+          os.path.join(PRETRAINED, "classifier.pt"), "--num-samples", "1000", "--temperatures",
+          "1.0", "--json"], prior_quality),
+        ("benchmark.py" + " --full-run" * full_run,
+         [*script["benchmark.py"], "--num-workers", str(max(os.cpu_count() - 1, 0)), "--json",
+          *["--full-run"] * full_run], benchmark_figures),
+    ]
+
+
+def epoch_line(out):
+    lines = [line for line in out.splitlines() if line.startswith("epoch")]
+    precision = re.search(r"seed \d+, (\w+)", out)
+    return f"{precision.group(1) if precision else '?'}; {lines[-1]}"
+
+
+def last_line(out):
+    return out.strip().splitlines()[-1]
+
+
+def prior_quality(out):
+    prior = next(row for row in json.loads(out) if row["source"].startswith("Gated"))
+    return (f"prior at T 1.0: agreement {100 * prior['agreement']:.1f}%, Frechet "
+            f"{prior['frechet_distance']:.2f}")
+
+
+def benchmark_figures(out):
+    report = json.loads(out)
+    rows = "; ".join(f"{row['pipeline'].split(' (')[0]} {row['ms_per_step']:.2f} ms/step "
+                     f"({row['images_per_s']:.0f} images/s)" for row in report["rows"])
+    full = f"; whole default run {report['full_run_s']:.1f} s" if "full_run_s" in report else ""
+    return rows + full
+
+
+def run_script(command, cwd, timeout):
+    """-> (ok, seconds, stdout, stderr)."""
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired as e:
+        return False, time.perf_counter() - started, "", f"timed out after {timeout} s\n{e.stderr}"
+    return result.returncode == 0, time.perf_counter() - started, result.stdout, result.stderr
+
+
+def steps_without_host_sync(device, data, amp_dtype, scaler, steps=20):
+    """A few VQ-VAE.py training steps (batch, step, schedule, code usage) after a warm-up, with
+    CUDA's sync debug mode set to raise: any host sync in them fails. -> detail string."""
+    torch.manual_seed(0)
+    split = MNISTSplit(data, True, device, limit=128 * (steps + 2))
+    model = vqvae_from_config(DEFAULT_CONFIG).to(device)
+    optimizer = make_optimizer(model, 2e-4, device)
+    scheduler = make_scheduler(optimizer, "cosine", steps + 2)
+    batches = split.batches(128, torch.randperm(len(split)))
+    pending = []
+    for i, (images, _) in enumerate(batches):
+        if i == 2:  # the first steps allocate and run the k-means init: warm-up
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("error")
+        losses = train_step(model, optimizer, scaler, images, 1.0, False, amp_dtype)
+        scheduler.step()
+        _, perplexity, used = code_usage(losses[-1], model.codeBook.K)
+        pending.append(torch.stack([*losses[:4], perplexity, used.float()]))
+    torch.cuda.set_sync_debug_mode("default")
+    loss = torch.stack(pending)[-1, 0].item()
+    return f"{steps} steps, {str(amp_dtype or torch.float32).split('.')[1]}, loss {loss:.4f}"
+
+
+def main():
+    p = ArgumentParser(prog="gpu_check.py", description="Run every script on a CUDA GPU.")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu to try the check")
+    p.add_argument("--timeout", type=positive_int, default=240, help="seconds per check")
+    p.add_argument("--no-full-run", action="store_true",
+                   help="benchmark.py without --full-run (default on the CPU: 10 epochs take long)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder and print it")
+    args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_check.py: no CUDA GPU on this machine, nothing was checked "
+              "(`--device cpu` runs the same checks on the CPU)")
+        print(json.dumps({"gpu_check": {"gpu": None, "torch": torch.__version__, "checks": []}}))
+        return
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    work = tempfile.mkdtemp(prefix="gpu_check-")
+    data = os.path.join(work, "data")
+    prepare_mnist(data)
+    rows = []
+    for name, command, read, *before in script_checks(str(device), data,
+                                                      cuda and not args.no_full_run):
+        ok, seconds, out, err = True, 0.0, "", ""
+        for step in [*before, command]:
+            ok, step_seconds, out, err = run_script(step, work, args.timeout)
+            seconds += step_seconds
+            if not ok:
+                break
+        try:
+            detail = read(out) if ok else (err.strip().splitlines() or ["no output"])[-1]
+        except (ValueError, KeyError, IndexError, StopIteration) as e:
+            ok, detail = False, f"unexpected output ({type(e).__name__}): {out.strip()[-200:]}"
+        rows.append({"check": name, "ok": ok, "seconds": round(seconds, 1), "detail": detail})
+    if cuda:
+        amp_dtype, scaler = make_precision(device, True)
+        for name, precision in (("training step free of host syncs, --amp", (amp_dtype, scaler)),
+                                ("training step free of host syncs, fp16 + GradScaler (T4 path)",
+                                 (torch.float16, GradScaler(enabled=True)))):
+            started = time.perf_counter()
+            try:
+                ok, detail = True, steps_without_host_sync(device, data, *precision)
+            except RuntimeError as e:
+                torch.cuda.set_sync_debug_mode("default")
+                ok, detail = False, str(e).splitlines()[0]
+            rows.append({"check": name, "ok": ok, "seconds": round(time.perf_counter() - started, 1),
+                         "detail": detail})
+    report_and_exit(rows, device, work, args.keep)
+
+
+def report_and_exit(rows, device, work, keep):
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    capability = list(torch.cuda.get_device_capability(device)) if gpu else None
+    print(f"\n{gpu or 'CPU'}  compute capability {capability}  torch {torch.__version__}")
+    print("| check | result | seconds | figures or error |\n| --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['check']} | {'ok' if row['ok'] else 'FAILED'} | {row['seconds']} | "
+              f"{row['detail']} |")
+    failed = sum(not row["ok"] for row in rows)
+    print(json.dumps({"gpu_check": {"device": str(device), "gpu": gpu, "capability": capability,
+                                    "torch": torch.__version__, "passed": len(rows) - failed,
+                                    "failed": failed, "checks": rows}}))
+    if keep:
+        print(f"scratch folder: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
