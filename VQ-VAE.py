@@ -23,13 +23,15 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from modules import (DEFAULT_CONFIG, LR_SCHEDULES, MNISTSplit, ArgumentParser, agree_to_stop,
-                     apply_resume_config, code_usage, decay_float, end_distributed, evaluate_vqvae,
-                     fail, load_optimizer_state, load_resume_checkpoint, load_state, make_optimizer,
-                     make_precision, make_scheduler, maybe_compile, nonnegative_float,
-                     nonnegative_int, positive_float, positive_int, prepare_run_folders,
-                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                     train_step, vqvae_from_config)
+from checkpoints import load_optimizer_state, load_resume_checkpoint, load_state, save_checkpoint
+from cli import (ArgumentParser, decay_float, fail, nonnegative_float, nonnegative_int,
+                 positive_float, positive_int, resolve_device)
+from data import MNISTSplit
+from modules import DEFAULT_CONFIG, vqvae_from_config
+from runs import (agree_to_stop, apply_resume_config, end_distributed, prepare_run_folders,
+                  rng_state, seed_everything, set_rng_state)
+from training import (LR_SCHEDULES, code_usage, evaluate_vqvae, make_optimizer, make_precision,
+                      make_scheduler, maybe_compile, train_step)
 from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, GRADIENTS
 
 # A --resume must agree with the checkpoint on these; others (device, epochs at a constant learning

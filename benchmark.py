@@ -17,8 +17,10 @@ import time
 
 import torch
 
-from modules import (DEFAULT_CONFIG, MNISTSplit, ArgumentParser, make_optimizer, make_precision, maybe_compile,
-                     nonnegative_int, positive_int, resolve_device, train_step, vqvae_from_config)
+from cli import ArgumentParser, nonnegative_int, positive_int, resolve_device
+from data import MNISTSplit
+from modules import DEFAULT_CONFIG, vqvae_from_config
+from training import make_optimizer, make_precision, maybe_compile, train_step
 
 
 def synchronize(device):

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from modules import (MNISTClassifier, MNISTSplit, ArgumentParser, make_output_dirs,
-                     nonnegative_int, positive_float, positive_int, resolve_device,
-                     save_checkpoint)
+from checkpoints import save_checkpoint
+from cli import ArgumentParser, nonnegative_int, positive_float, positive_int, resolve_device
+from data import MNISTSplit
+from modules import MNISTClassifier
+from runs import make_output_dirs
 
 TRAIN_IMAGES = 50000  # images 50,000 .. 59,999 are held out
 

@@ -9,8 +9,10 @@ code map costs in bits: 49 log2 K for a uniform code, 49 H(p) at the measured co
 import json
 import math
 
-from modules import (MNISTSplit, ArgumentParser, add_vqvae_size_flags, evaluate_vqvae, load_vqvae,
-                     positive_int, resolve_device, vqvae_sizes)
+from checkpoints import load_vqvae
+from cli import ArgumentParser, add_vqvae_size_flags, positive_int, resolve_device, vqvae_sizes
+from data import MNISTSplit
+from training import evaluate_vqvae
 
 
 def measure(model, split):

@@ -16,9 +16,11 @@ import os
 import torch
 from torchvision.utils import save_image
 
-from modules import (MNISTSplit, ArgumentParser, add_vqvae_size_flags, fail, load_prior, load_vqvae, make_output_dirs,
-                     nonnegative_int, positive_float, positive_int, resolve_device,
-                     save_checkpoint, to_uint8, vqvae_sizes)
+from checkpoints import load_prior, load_vqvae, save_checkpoint
+from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_int, positive_float,
+                 positive_int, resolve_device, vqvae_sizes)
+from data import MNISTSplit, to_uint8
+from runs import make_output_dirs
 
 
 def build_parser():

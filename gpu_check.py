@@ -20,9 +20,11 @@ import time
 
 import torch
 
-from modules import (DEFAULT_CONFIG, GradScaler, MNISTSplit, ArgumentParser, code_usage,
-                     make_optimizer, make_precision, make_scheduler, positive_int,
-                     prepare_mnist, resolve_device, train_step, vqvae_from_config)
+from cli import ArgumentParser, positive_int, resolve_device
+from data import MNISTSplit, prepare_mnist
+from modules import DEFAULT_CONFIG, vqvae_from_config
+from training import (GradScaler, code_usage, make_optimizer, make_precision, make_scheduler,
+                      train_step)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PRETRAINED = os.path.join(REPO, "models", "pretrained")

@@ -17,10 +17,14 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from modules import (LR_SCHEDULES, GatedPixelCNN, MNISTSplit, ArgumentParser, add_vqvae_size_flags,
-                     apply_resume_config, load_optimizer_state, load_resume_checkpoint, load_state,
-                     load_vqvae, make_optimizer, make_scheduler, nonnegative_int, positive_float, positive_int, prepare_run_folders, resolve_device, rng_state,
-                     save_checkpoint, seed_everything, set_rng_state, vqvae_sizes)
+from checkpoints import (load_optimizer_state, load_resume_checkpoint, load_state, load_vqvae,
+                         save_checkpoint)
+from cli import (ArgumentParser, add_vqvae_size_flags, nonnegative_int, positive_float,
+                 positive_int, resolve_device, vqvae_sizes)
+from data import MNISTSplit
+from gated_pixelcnn import GatedPixelCNN
+from runs import apply_resume_config, prepare_run_folders, rng_state, seed_everything, set_rng_state
+from training import LR_SCHEDULES, make_optimizer, make_scheduler
 
 LOCKED_ON_RESUME = ("num_layers", "hidden_size", "batch_size", "lr", "lr_schedule", "seed",
                     "train_subset")

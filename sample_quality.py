@@ -18,9 +18,11 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from generate import sample_prior
-from modules import (MNISTClassifier, MNISTSplit, ArgumentParser, add_vqvae_size_flags,
-                     load_checkpoint, load_prior, load_state, load_vqvae, nonnegative_int, normalize,
-                     positive_float, positive_int, resolve_device, to_uint8, vqvae_sizes)
+from checkpoints import load_checkpoint, load_prior, load_state, load_vqvae
+from cli import (ArgumentParser, add_vqvae_size_flags, nonnegative_int, positive_float,
+                 positive_int, resolve_device, vqvae_sizes)
+from data import MNISTSplit, normalize, to_uint8
+from modules import MNISTClassifier
 from classifier import TRAIN_IMAGES
 from vector_quantizer import count_codes
 

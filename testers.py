@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from modules import (MNISTSplit, VectorQuantizedVAE, load_checkpoint,
-                     save_checkpoint, vqvae_from_config, vqvae_losses)
+from checkpoints import load_checkpoint, save_checkpoint
+from data import MNISTSplit
+from modules import VectorQuantizedVAE, vqvae_from_config
+from training import vqvae_losses
 from vector_quantizer import VQEmbedding, kmeans, rotate_to_codes, vq, vq_st
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -70,7 +72,7 @@ def run_in_process(script, args, cwd):
 @pytest.fixture(scope="session")
 def data_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    from modules import prepare_mnist
+    from data import prepare_mnist
     prepare_mnist(str(folder))
     return str(folder)
 
@@ -403,15 +405,15 @@ def test_training_rejects_damaged_dataset(tmp_path, data_folder, damage, monkeyp
         assert_clean_failure(result, "t10k-images-idx3-ubyte", "truncated")
         assert os.path.getsize(raw / "t10k-images-idx3-ubyte") == 1000  # left for the user to see
     else:
-        import modules
+        import data
         shipped = tmp_path / "shipped"
-        shutil.copytree(modules.SHIPPED_MNIST, shipped)
+        shutil.copytree(data.SHIPPED_MNIST, shipped)
         with open(shipped / "train-labels-idx1-ubyte.gz", "r+b") as f:
             f.seek(100)
             f.write(b"garbage")
-        monkeypatch.setattr(modules, "SHIPPED_MNIST", str(shipped))
+        monkeypatch.setattr(data, "SHIPPED_MNIST", str(shipped))
         with pytest.raises(SystemExit) as exit_info:
-            modules.prepare_mnist(str(tmp_path / "fresh"))
+            data.prepare_mnist(str(tmp_path / "fresh"))
         assert exit_info.value.code == 2
 
 
@@ -773,7 +775,7 @@ def assert_causal_without_blind_spot(prior, K, blind_spot_check=True):
 
 
 def test_prior_is_causal_without_blind_spot():
-    from modules import GatedPixelCNN
+    from gated_pixelcnn import GatedPixelCNN
     torch.manual_seed(0)
     assert_causal_without_blind_spot(GatedPixelCNN(K=16, dim=8, num_layers=6), 16)
 
@@ -782,7 +784,7 @@ def test_prior_stays_causal_after_copy_training_and_device_moves():
     """Causal by construction: a deep copy (as an EMA of the weights makes) trained with Adam, and
     a move to another device type and back with every weight drawn anew, still see no future code."""
     import copy
-    from modules import GatedPixelCNN
+    from gated_pixelcnn import GatedPixelCNN
     torch.manual_seed(0)
     prior = copy.deepcopy(GatedPixelCNN(K=16, dim=8, num_layers=3))
     optimizer = torch.optim.Adam(prior.parameters(), lr=0.1)
@@ -802,7 +804,7 @@ def test_prior_stays_causal_after_copy_training_and_device_moves():
 
 
 def test_prior_conditioning_and_sampling():
-    from modules import GatedPixelCNN
+    from gated_pixelcnn import GatedPixelCNN
     torch.manual_seed(0)
     prior = GatedPixelCNN(K=16, dim=8, num_layers=4).eval()
     codes = torch.randint(16, (2, 7, 7))
@@ -907,8 +909,9 @@ def test_training_step_never_reads_a_value_back_to_the_host(data_folder, monkeyp
     on meta, k-means init, EMA update, dead-code restart and code usage included, has no host sync
     on CUDA either. (Autocast knows no meta device; it is a no-op here.)"""
     import contextlib
-    from modules import DEFAULT_CONFIG, code_usage, make_optimizer, make_precision, make_scheduler
-    from modules import train_step
+    from modules import DEFAULT_CONFIG
+    from training import code_usage, make_optimizer, make_precision, make_scheduler
+    from training import train_step
     monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
     split = MNISTSplit(data_folder, True, "meta", limit=256)
     model = vqvae_from_config(DEFAULT_CONFIG).to("meta")
@@ -936,43 +939,44 @@ def test_training_step_never_reads_a_value_back_to_the_host(data_folder, monkeyp
     ("cpu", None, False, (None, False)),                # float32
 ])
 def test_amp_precision_fits_the_hardware(device_type, capability, cpu_bf16, expected):
-    from modules import amp_precision
+    from training import amp_precision
     assert amp_precision(device_type, capability, cpu_bf16) == expected
 
 
 def test_amp_without_native_bf16_warns_and_trains_in_float32(monkeypatch, capsys):
-    import modules
-    monkeypatch.setattr(modules, "cpu_has_native_bf16", lambda: False)
-    amp_dtype, scaler = modules.make_precision("cpu", True)
+    import training
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    amp_dtype, scaler = training.make_precision("cpu", True)
     assert amp_dtype is None and not scaler.is_enabled()
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and "--amp" in warning[0] and "float32" in warning[0]
-    monkeypatch.setattr(modules, "cpu_has_native_bf16", lambda: True)
-    assert modules.make_precision("cpu", True)[0] == torch.bfloat16
-    assert modules.make_precision("cpu", False)[0] is None
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert training.make_precision("cpu", True)[0] == torch.bfloat16
+    assert training.make_precision("cpu", False)[0] is None
 
 
 def test_resume_restores_the_rng_of_the_gpus_present(monkeypatch, capsys):
     """A checkpoint of a 2-GPU machine resumed on a 1-GPU one: GPU 0 gets its state, GPU 1's is
     skipped with a warning (set_rng_state_all would fail)."""
-    import modules
+    import runs
     restored = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(
         (state.tolist(), index)))
-    modules.restore_cuda_rng([torch.tensor([1], dtype=torch.uint8),
+    runs.restore_cuda_rng([torch.tensor([1], dtype=torch.uint8),
                               torch.tensor([2], dtype=torch.uint8)])
     assert restored == [([1], 0)]
     warning = capsys.readouterr().err
     assert "2 GPU(s)" in warning and "has 1" in warning
-    modules.restore_cuda_rng([])  # a CPU run's checkpoint: nothing to restore, nothing to say
+    runs.restore_cuda_rng([])  # a CPU run's checkpoint: nothing to restore, nothing to say
     assert restored == [([1], 0)] and capsys.readouterr().err == ""
 
 
 def test_optimizer_kernels_follow_the_device():
     """A checkpoint's optimizer state carries the kernel choice of the device it was written on;
     a resume keeps the choice made for this device (and every other hyperparameter from the file)."""
-    from modules import load_optimizer_state, make_optimizer
+    from checkpoints import load_optimizer_state
+    from training import make_optimizer
     model = torch.nn.Linear(3, 2)
     written = torch.optim.Adam(model.parameters(), lr=0.5)
     written.zero_grad()

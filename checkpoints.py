@@ -1,0 +1,144 @@
+"""Checkpoint files: written atomically, read with weights_only=True and checked for who wrote them;
+models rebuilt from them (the VQ-VAE, also from the original repo's bare state_dicts, and the prior)."""
+
+import os
+import pickle
+
+import torch
+
+from cli import fail
+from gated_pixelcnn import GatedPixelCNN
+from modules import vqvae_from_config
+
+
+CHECKPOINT_KINDS = {"vqvae": "VQ-VAE.py", "prior": "pixelcnn_prior.py", "classifier": "classifier.py"}
+
+
+def save_checkpoint(path, checkpoint):
+    """Write atomically: a temp file in the same folder, flushed to disk, then renamed over `path`.
+    A crash or a full disk mid-write leaves the previous file at `path` untouched."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, kind, flag="--model"):
+    """Load a checkpoint with weights_only=True (no pickled code can run) and check who wrote it.
+    Returns a dict with at least 'state_dict' and 'config' (None for a seed-style bare state_dict).
+    Every failure is one line naming the flag and file, exit 2."""
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # the weights-only unpickler met a reference to a Python callable
+            fail(f"{flag} {path}: refused, the file holds pickled Python objects that could run "
+                 f"code; only tensors and plain values are loaded (weights_only=True)")
+        fail(f"{flag} {path}: not a PyTorch checkpoint, or truncated")
+    except Exception:  # torch raises several types for empty, truncated or foreign files
+        fail(f"{flag} {path}: not a PyTorch checkpoint, or truncated")
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        fail(f"{flag} {path}: not a checkpoint dict")
+    if "state_dict" not in checkpoint:
+        if kind == "vqvae" and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            return {"kind": "vqvae", "state_dict": checkpoint, "config": None}
+        fail(f"{flag} {path}: not a checkpoint of this repo (no 'state_dict')")
+    found = checkpoint.get("kind", "vqvae")
+    if found != kind:
+        fail(f"{flag} {path}: this is a {found} checkpoint written by "
+             f"{CHECKPOINT_KINDS.get(found, 'another script')}; expected a {kind} checkpoint "
+             f"written by {CHECKPOINT_KINDS[kind]}")
+    return checkpoint
+
+
+def load_resume_checkpoint(path, kind):
+    """`load_checkpoint` for --resume, which also needs the training state: a weights-only file
+    (a seed-style bare state_dict, the committed models/pretrained/ copies) is refused."""
+    checkpoint = load_checkpoint(path, kind, "--resume")
+    if "optimizer" not in checkpoint:
+        fail(f"--resume {path}: weights only, without the optimizer state a resume needs; "
+             f"resume from the run's last.pt")
+    return checkpoint
+
+
+def load_state(model, state_dict, flag, path):
+    """load_state_dict, or one line naming the first keys that are missing, unexpected or of
+    another size (the model is then discarded: `fail` exits)."""
+    def first(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    expected = model.state_dict()
+    problems = [f"{what} {first(keys)}" for what, keys in
+                (("missing", [k for k in expected if k not in state_dict]),
+                 ("unexpected", [k for k in state_dict if k not in expected])) if keys]
+    try:
+        model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:
+        resized = [line.split("size mismatch for ")[1].split(":")[0]
+                   for line in str(e).splitlines() if "size mismatch for " in line]
+        problems.append(f"other sizes: {first(resized)}" if resized else str(e).splitlines()[0])
+    if problems:
+        fail(f"{flag} {path}: weights do not fit the model ({'; '.join(problems)})")
+
+
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict, except that the kernel choice (fused, foreach, capturable) stays
+    the one `optimizer` was built with for this device: a CPU checkpoint resumed on CUDA gets the
+    fused kernels, a CUDA one resumed on a CPU leaves them."""
+    kernels = {k: optimizer.defaults[k] for k in ("fused", "foreach", "capturable")
+               if k in optimizer.defaults}
+    optimizer.load_state_dict({**state, "param_groups": [{**group, **kernels}
+                                                         for group in state["param_groups"]]})
+
+
+def load_vqvae(path, device, flag="--model", sizes=None):
+    """A VQ-VAE from a checkpoint, in eval mode. The checkpoint's config decides the model; `sizes`
+    ({'hidden_size': D, 'k': K}, from flags the user gave) must agree with it, and build the model
+    for a seed-style bare state_dict, which has no config (seed defaults 40 / 512 where absent)."""
+    checkpoint = load_checkpoint(path, "vqvae", flag)
+    sizes = sizes or {}
+    config = checkpoint["config"] or {"hidden_size": sizes.get("hidden_size", 40),
+                                      "k": sizes.get("k", 512)}
+    for key, value in sizes.items():
+        if value != config[key]:
+            fail(f"--{key.replace('_', '-')} {value} contradicts {flag} {path}, "
+                 f"which was trained with {config[key]}")
+    model = vqvae_from_config(config)
+    state_dict = checkpoint["state_dict"]
+    if checkpoint["config"] is None:
+        state_dict = with_seed_codebook_buffers(state_dict)
+    load_state(model, state_dict, flag, path)
+    return model.to(device).eval(), checkpoint
+
+
+# The original repo's codebook is a bare nn.Embedding: its files hold none of these buffers.
+SEED_MISSING_BUFFERS = ("codeBook.cluster_size", "codeBook.embed_avg", "codeBook.initialized")
+
+
+def with_seed_codebook_buffers(state_dict):
+    """A bare state_dict written by the original repo -> the same with the three codebook buffers
+    a loss-codebook, already-initialised model has (the original's configuration). Anything else
+    that is missing or extra is left for `load_state` to refuse."""
+    weight = state_dict.get("codeBook.embedding.weight")
+    if weight is None or any(key in state_dict for key in SEED_MISSING_BUFFERS):
+        return state_dict
+    return {**state_dict, "codeBook.cluster_size": torch.ones(len(weight)),
+            "codeBook.embed_avg": weight.clone(), "codeBook.initialized": torch.tensor(True)}
+
+
+def load_prior(path, device, K):
+    """A prior checkpoint of pixelcnn_prior.py, in eval mode; it must model codes of K entries."""
+    checkpoint = load_checkpoint(path, "prior", "--prior-model")
+    config = checkpoint["config"]
+    if config["k"] != K:
+        fail(f"--prior-model {path} was built for a codebook of K={config['k']}, but the VQ-VAE "
+             f"has K={K}")
+    prior = GatedPixelCNN(config["k"], config["hidden_size"], config["num_layers"])
+    load_state(prior, checkpoint["state_dict"], "--prior-model", path)
+    return prior.to(device).eval()

@@ -1,0 +1,129 @@
+"""MNIST: the shipped copy verified and extracted, and the two input pipelines (the whole split on
+the training device, or the seed's torchvision DataLoader) that give the same batches."""
+
+import gzip
+import hashlib
+import os
+
+import torch
+from torchvision import datasets, transforms
+
+from cli import fail
+
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+MNIST_FILES = {  # decompressed name -> size in bytes (IDX header + payload)
+    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10000,
+}
+
+
+SHIPPED_MNIST = os.path.join(REPO_DIR, "MNIST")
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _extract_shipped_mnist(raw):
+    """Verify the shipped .gz files against MNIST/SHA256SUMS and decompress them into `raw`."""
+    with open(os.path.join(SHIPPED_MNIST, "SHA256SUMS")) as f:
+        expected = dict(reversed(line.split()) for line in f if line.strip())
+    os.makedirs(raw, exist_ok=True)
+    for name in MNIST_FILES:
+        source = os.path.join(SHIPPED_MNIST, name + ".gz")
+        if _sha256(source) != expected.get(name + ".gz"):
+            fail(f"shipped dataset file {source} does not match MNIST/SHA256SUMS; "
+                 f"restore it with `git checkout -- MNIST/`")
+        target = os.path.join(raw, name)
+        if os.path.exists(target):
+            continue
+        with gzip.open(source, "rb") as src, open(target + ".part", "wb") as dst:
+            dst.write(src.read())
+        os.replace(target + ".part", target)
+
+
+def prepare_mnist(data_folder):
+    """Make sure `data_folder/MNIST/raw/` holds the four decompressed IDX files: use them if present,
+    else extract the shipped copy, else let torchvision download. Bad files: one line and exit 2."""
+    if os.path.exists(data_folder) and not os.path.isdir(data_folder):
+        fail(f"--data-folder {data_folder} is a file; expected a folder (it will hold MNIST/raw/)")
+    raw = os.path.join(data_folder, "MNIST", "raw")
+    missing = [n for n in MNIST_FILES if not os.path.exists(os.path.join(raw, n))]
+    try:
+        if missing and os.path.exists(os.path.join(SHIPPED_MNIST, "SHA256SUMS")):
+            _extract_shipped_mnist(raw)
+        elif missing:
+            datasets.MNIST(data_folder, train=True, download=True)
+            datasets.MNIST(data_folder, train=False, download=True)
+    except OSError as e:
+        fail(f"cannot prepare MNIST in --data-folder {data_folder}: {e}")
+    for name, size in MNIST_FILES.items():
+        path = os.path.join(raw, name)
+        if not os.path.exists(path):
+            fail(f"dataset file {path} is missing and could not be extracted or downloaded")
+        if os.path.getsize(path) != size:
+            fail(f"dataset file {path} is truncated or corrupt ({os.path.getsize(path)} bytes, "
+                 f"expected {size}); delete it and rerun to extract it again")
+
+
+def normalize(images_uint8):
+    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [-1, 1]: the same ops as ToTensor +
+    Normalize([0.5], [0.5]), so both input pipelines give bit-identical batches."""
+    return images_uint8.unsqueeze(1).float().div(255).sub(0.5).div(0.5)
+
+
+def to_uint8(images):
+    """images in [-1, 1] -> uint8 pixels in [0, 255]."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class MNISTSplit:
+    """One MNIST split, served in batches by one of two pipelines:
+    'device'       the whole split as a uint8 tensor on the training device, normalised per batch;
+    'torchvision'  the seed's Dataset/DataLoader path (PIL decode, ToTensor, Normalize, workers).
+    Both take the same index order, so they yield the same images in the same batches."""
+
+    def __init__(self, data_folder, train, device, pipeline="device", num_workers=0, limit=None):
+        prepare_mnist(data_folder)
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+        self.dataset = datasets.MNIST(data_folder, train=train, download=False, transform=transform)
+        self.size = len(self.dataset) if limit is None else min(limit, len(self.dataset))
+        self.device, self.pipeline, self.num_workers = torch.device(device), pipeline, num_workers
+        if pipeline == "device":
+            self.images = self.dataset.data[:self.size].to(self.device)          # (N, 28, 28) uint8
+            self.labels = self.dataset.targets[:self.size].to(self.device)
+
+    def __len__(self):
+        return self.size
+
+    def batches(self, batch_size, order=None, start=0, rank=0, world_size=1):
+        """Yield (images (b, 1, 28, 28), labels (b,)) on the device. `order` is a permutation of the
+        split (default: file order); batching skips the first `start` batches (resume) and, under
+        DDP, each rank takes every world_size-th image of each global batch."""
+        order = torch.arange(self.size) if order is None else order
+        if self.pipeline == "device":  # one copy per epoch, not one per batch
+            order = order.to(self.device)
+        slices = [order[i:i + batch_size][rank::world_size]
+                  for i in range(start * batch_size, self.size, batch_size)]
+        if self.pipeline == "device":
+            for idx in slices:
+                yield normalize(self.images[idx]), self.labels[idx]
+            return
+        # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, and the
+        # two pipelines would then diverge at the next random draw of training.
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=[idx.tolist() for idx in slices],
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator())
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))

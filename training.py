@@ -1,0 +1,136 @@
+"""The VQ-VAE's training step and everything it is made of: the objective (paper eq. 3), the
+optimizer and learning-rate schedule, the --amp precision, torch.compile, code-usage statistics and
+the test-set evaluation."""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from vector_quantizer import count_codes
+
+
+def vqvae_losses(model, images, beta, learned_codebook=True):
+    """The VQ-VAE objective (paper eq. 3) on one batch -> (loss, reconstruction_loss, codebook_loss,
+    commitment_loss, indices). `learned_codebook=False` (EMA codebook) leaves the codebook loss out of
+    the total: the EMA update does its job. The codebook loss is still returned for logging."""
+    x_tilde, z_e_x, z_q_x, indices = model(images, return_indices=True)
+    reconstruction_loss = F.mse_loss(x_tilde.float(), images)
+    codebook_loss = F.mse_loss(z_q_x.float(), z_e_x.detach().float())    # ||sg[z_e(x)] - e||^2
+    commitment_loss = F.mse_loss(z_e_x.float(), z_q_x.detach().float())  # ||z_e(x) - sg[e]||^2
+    loss = reconstruction_loss + beta * commitment_loss
+    if learned_codebook:
+        loss = loss + codebook_loss
+    return loss, reconstruction_loss, codebook_loss, commitment_loss, indices
+
+
+def make_optimizer(model, lr, device):
+    """Adam over the trainable parameters (an EMA codebook is not one); fused kernels on CUDA."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            fused=torch.device(device).type == "cuda")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def make_scheduler(optimizer, schedule, total_steps):
+    """None for a constant rate; 'cosine' decays it to 0 over `total_steps` optimizer steps."""
+    if schedule == "constant":
+        return None
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1))
+
+
+def maybe_compile(model, device):
+    """torch.compile(model), or the eager model with a warning where compiling cannot work here (no
+    C++ compiler for CPU kernels, no Triton for GPU ones): a tiny function is compiled first, since
+    torch.compile itself only fails at the first call."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+        return torch.compile(model)
+    except Exception as e:
+        print(f"warning: --compile unavailable here ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); training eagerly", file=sys.stderr)
+        return model
+
+
+def amp_precision(device_type, capability=None, cpu_bf16=False):
+    """What --amp runs in, as a pure function of the hardware -> (autocast dtype or None for float32,
+    whether a GradScaler is needed). bf16 keeps float32's range, so it needs no loss scaling, but only
+    GPUs of compute capability 8.0+ (A100, RTX 30xx, H100, H200) and CPUs with AVX512-BF16 or AMX run
+    it natively; older GPUs (T4 sm_75, V100 sm_70) get fp16, whose small range needs a GradScaler;
+    other CPUs stay in float32."""
+    if device_type == "cuda":
+        return (torch.bfloat16, False) if capability >= (8, 0) else (torch.float16, True)
+    return (torch.bfloat16, False) if cpu_bf16 else (None, False)
+
+
+def cpu_has_native_bf16():
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# torch 2.2 has only the CUDA-specific class; fp16 (the only user of a scaler) is CUDA-only here.
+GradScaler = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
+
+
+def make_precision(device, amp):
+    """--amp on `device` -> (autocast dtype or None, a GradScaler: disabled unless fp16 needs it),
+    with a one-line warning where --amp falls back to float32."""
+    device = torch.device(device)
+    dtype, scaled = None, False
+    if amp:
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        dtype, scaled = amp_precision(device.type, capability, cpu_has_native_bf16())
+        if dtype is None:
+            print("warning: --amp: this CPU has no native bf16 (AVX512-BF16 or AMX); training in "
+                  "float32", file=sys.stderr)
+    return dtype, GradScaler(enabled=scaled)
+
+
+def train_step(model, optimizer, scaler, images, beta, learned_codebook, amp_dtype=None):
+    """One optimisation step, under autocast to `amp_dtype` when given -> the `vqvae_losses` tuple,
+    detached. `scaler` scales the loss for fp16 (a disabled one passes everything through)."""
+    with torch.autocast(images.device.type, amp_dtype or torch.bfloat16,
+                        enabled=amp_dtype is not None):
+        losses = vqvae_losses(model, images, beta, learned_codebook)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses[0]).backward()
+    scaler.step(optimizer)  # with fused Adam the inf check stays on the device: no host sync
+    scaler.update()
+    return tuple(t.detach() for t in losses)
+
+
+def perplexity(counts):
+    """exp(H(p)) of a code histogram counts (K,): K when all codes are used equally, 1 at collapse."""
+    p = counts / counts.sum()
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+
+
+def code_usage(indices, K):
+    """indices (any shape) -> (counts (K,), perplexity, codes used), all device tensors."""
+    counts = count_codes(indices, K)
+    return counts, perplexity(counts), (counts > 0).sum()
+
+
+@torch.no_grad()
+def evaluate_vqvae(model, split, batch_size=500):
+    """Eval-mode pass over a whole split -> dict of floats: reconstruction (MSE on [-1, 1]),
+    quantization (||z_q - z_e||^2), perplexity, codes_used, and counts (K,) as a CPU tensor."""
+    was_training = model.training
+    model.eval()
+    K = model.codeBook.K
+    sums = torch.zeros(2, dtype=torch.float64, device=split.device)
+    counts = torch.zeros(K, device=split.device)
+    for images, _ in split.batches(batch_size):
+        x_tilde, z_e_x, z_q_x, indices = model(images, return_indices=True)
+        sums[0] += F.mse_loss(x_tilde.float(), images, reduction="sum")
+        sums[1] += F.mse_loss(z_q_x.float(), z_e_x.float(), reduction="sum") / z_e_x[0].numel()
+        counts += count_codes(indices, K)
+    model.train(was_training)
+    n = len(split)
+    reconstruction, quantization = (sums / torch.tensor([n * 28 * 28, n], device=sums.device)).tolist()
+    return {"reconstruction": reconstruction, "quantization": quantization,
+            "perplexity": perplexity(counts).item(), "codes_used": int((counts > 0).sum()),
+            "counts": counts.cpu()}
