@@ -11,25 +11,22 @@ best.pt (lowest test reconstruction loss), model_<epoch>.pt and last.pt (everyth
 import multiprocessing as mp
 import os
 import random
-import signal
-import sys
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from checkpoints import load_optimizer_state, load_resume_checkpoint, load_state, save_checkpoint
+from checkpoints import load_optimizer_state, load_state
 from cli import (ArgumentParser, decay_float, fail, nonnegative_float, nonnegative_int,
                  positive_float, positive_int, resolve_device)
 from data import MNISTSplit
 from modules import DEFAULT_CONFIG, vqvae_from_config
-from runs import (agree_to_stop, apply_resume_config, end_distributed, prepare_run_folders,
-                  rng_state, seed_everything, set_rng_state)
+from runs import (TrainingRun, end_distributed, parse_run_args, rng_state, seed_everything,
+                  set_rng_state)
 from training import (LR_SCHEDULES, code_usage, evaluate_vqvae, make_optimizer, make_precision,
                       make_scheduler, maybe_compile, train_step)
 from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, GRADIENTS
@@ -99,16 +96,9 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """-> (args, the --resume checkpoint or None). Flags left at their default take the value the
-    resumed run was trained with."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_resume_checkpoint(args.resume, "vqvae")
-        apply_resume_config(parser, args, checkpoint["config"], LOCKED_ON_RESUME)
-    if os.path.isabs(args.output_folder) or ".." in args.output_folder.split(os.sep):
-        fail(f"--output-folder {args.output_folder!r}: expected a run name, not a path")
+    """-> (args, the --resume checkpoint or None); with --resume, flags not typed take the value
+    the run was trained with."""
+    args, checkpoint = parse_run_args(build_parser(), "vqvae", LOCKED_ON_RESUME, argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     return args, checkpoint
@@ -136,7 +126,6 @@ def main(args, checkpoint=None):
     rank, world_size, device = setup_distributed(device)
     if args.batch_size % world_size:
         fail(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
-    log_dir, model_dir = prepare_run_folders(args.output_folder, args.resume, args.overwrite, rank)
     shuffle = seed_everything(args.seed)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
 
@@ -170,6 +159,9 @@ def main(args, checkpoint=None):
         model = torch.nn.parallel.DistributedDataParallel(model)
     if args.compile:
         model = maybe_compile(model, device)
+    # Every input is checked: only now is anything written.
+    run = TrainingRun("VQ-VAE.py", args.output_folder, args.resume, args.overwrite, args.log_every,
+                      rank, world_size, device)
 
     def checkpoint_dict(epoch, batch, shuffle_state, metrics):
         return {"kind": "vqvae", "state_dict": raw_model.state_dict(), "config": config,
@@ -179,15 +171,7 @@ def main(args, checkpoint=None):
                 "rng": {**rng_state(shuffle), "shuffle": shuffle_state},
                 "best_loss": best_loss, "metrics": metrics}
 
-    def save(name, checkpoint):
-        path = os.path.join(model_dir, name)
-        try:
-            save_checkpoint(path, checkpoint)
-        except OSError as e:
-            fail(f"cannot write checkpoint {path}: {e.strerror or e}; the previous {name} is intact",
-                 status=1)
-
-    writer = SummaryWriter(log_dir) if rank == 0 else None
+    writer = SummaryWriter(run.log_dir) if rank == 0 else None
     fixed_images, _ = next(test_set.batches(16))
     if writer and not args.resume:
         writer.add_image("original", image_grid(fixed_images), 0)
@@ -197,43 +181,10 @@ def main(args, checkpoint=None):
             writer.add_graph(raw_model, fixed_images)
             writer.add_image("reconstruction", image_grid(raw_model(fixed_images)[0]), 0)
         raw_model.train()
-
-    stop_signal = []
-
-    def request_stop(signum, _frame):
-        stop_signal.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
     if rank == 0:
         print(f"training {args.output_folder}: {len(train_set)} train / {len(test_set)} test images, "
               f"device {device}, {world_size} process(es), seed {args.seed}, "
               f"{str(amp_dtype or torch.float32).split('.')[1]}")
-    pending = []  # per-step scalars kept on the device until the next host sync
-
-    def sync_point():
-        """The one host sync, at a step every process reaches: write the pending per-step scalars,
-        then agree with the other processes on stopping, so that they all stop at this step.
-        -> (the last loss, the signal number that asks to stop or 0)."""
-        rows = torch.stack(pending).tolist()
-        pending.clear()
-        first_step = step - len(rows) + 1
-        bad = next((i for i, row in enumerate(rows) if not all(map(np.isfinite, row[:4]))), None)
-        if writer:
-            for i, row in enumerate(rows[:bad]):
-                for tag, value in zip(TRAIN_SCALARS, row):
-                    writer.add_scalar(tag, value, first_step + i)
-        signum, nonfinite = agree_to_stop(stop_signal[0] if stop_signal else 0, bad is not None,
-                                          world_size, device)
-        if nonfinite:
-            bar.close()
-            end_distributed(world_size)
-            where = f"became {rows[bad][0]} at step {first_step + bad}" if bad is not None else \
-                f"became non-finite in another process by step {step}"
-            fail(f"loss {where}; training stopped, the checkpoints already in {model_dir}/ are "
-                 f"untouched", status=1)
-        return rows[-1][0], signum
 
     for epoch in range(start_epoch, args.num_epochs):
         if step >= total_steps:
@@ -242,43 +193,37 @@ def main(args, checkpoint=None):
         order = torch.randperm(len(train_set), generator=shuffle)
         model.train()
         started = time.time()
-        bar = tqdm(train_set.batches(args.batch_size, order, batch_in_epoch, rank, world_size),
-                   total=steps_per_epoch, initial=batch_in_epoch, disable=rank != 0,
-                   desc=f"epoch {epoch + 1}/{args.num_epochs}", leave=False, dynamic_ncols=True)
-        for images, _ in bar:
-            loss, reconstruction_loss, codebook_loss, commitment_loss, indices = \
-                train_step(model, optimizer, scaler, images, args.beta, learned_codebook, amp_dtype)
-            if scheduler:
-                scheduler.step()
-            _, perplexity, used = code_usage(indices, args.k)
-            pending.append(torch.stack([loss, reconstruction_loss, codebook_loss, commitment_loss,
+        with tqdm(train_set.batches(args.batch_size, order, batch_in_epoch, rank, world_size),
+                  total=steps_per_epoch, initial=batch_in_epoch, disable=rank != 0, leave=False,
+                  desc=f"epoch {epoch + 1}/{args.num_epochs}", dynamic_ncols=True) as bar:
+            for images, _ in bar:
+                # step: the quantizer's training-time updates (k-means init, EMA, restarts) happen
+                # in its forward pass, under model.train(): see VQEmbedding.quantize
+                loss, reconstruction_loss, codebook_loss, commitment_loss, indices = train_step(
+                    model, optimizer, scaler, images, args.beta, learned_codebook, amp_dtype)
+                if scheduler:
+                    scheduler.step()
+                _, perplexity, used = code_usage(indices, args.k)
+                run.record(torch.stack([loss, reconstruction_loss, codebook_loss, commitment_loss,
                                         perplexity, used.float()]))
-            step += 1
-            batch_in_epoch += 1
-            # Alone, a signal is acted on at once; under torchrun at the next common sync point.
-            if step % args.log_every == 0 or step >= total_steps or \
-                    batch_in_epoch == steps_per_epoch or world_size == 1 and stop_signal:
-                last_loss, signum = sync_point()
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-                if signum:
-                    bar.close()
-                    who = f"rank {rank} " if world_size > 1 else ""
-                    print(f"\n{who}stopped by signal {signum} at step {step}", file=sys.stderr)
-                    if rank == 0:
-                        save("last.pt", checkpoint_dict(epoch, batch_in_epoch, shuffle_state, None))
-                        print(f"resume with:\n  python VQ-VAE.py --resume {model_dir}/last.pt",
-                              file=sys.stderr)
-                    end_distributed(world_size)
-                    sys.exit(128 + signum)
-            if step >= total_steps:
-                break
-        bar.close()
+                step += 1
+                batch_in_epoch += 1
+                # log: one host sync every --log-every steps (under torchrun, stops agree there)
+                if run.sync_due(step, batch_in_epoch == steps_per_epoch or step >= total_steps):
+                    rows, signum = run.sync(step, writer, TRAIN_SCALARS)
+                    bar.set_postfix(loss=f"{rows[-1][0]:.4f}")
+                    if signum:
+                        run.stop(signum, step, checkpoint_dict(epoch, batch_in_epoch,
+                                                               shuffle_state, None))
+                if step >= total_steps:
+                    break
         batch_in_epoch = 0
         train_seconds = time.time() - started
         if world_size > 1:
             dist.barrier()
         if rank != 0:
             continue
+        # evaluate: the whole test set in eval mode
         metrics = evaluate_vqvae(raw_model, test_set)
         counts = metrics.pop("counts")
         n = epoch + 1
@@ -296,12 +241,13 @@ def main(args, checkpoint=None):
         raw_model.train()
         writer.flush()
         metrics["train_seconds"] = round(train_seconds, 2)
+        # save: best.pt (lowest test reconstruction loss), model_<epoch>.pt, last.pt
         if metrics["reconstruction"] < best_loss:
             best_loss = metrics["reconstruction"]
-            save("best.pt", checkpoint_dict(n, 0, shuffle.get_state(), metrics))
+            run.save("best.pt", checkpoint_dict(n, 0, shuffle.get_state(), metrics))
         final = checkpoint_dict(n, 0, shuffle.get_state(), metrics)
-        save(f"model_{n}.pt", final)
-        save("last.pt", final)
+        run.save(f"model_{n}.pt", final)
+        run.save("last.pt", final)
         print(f"epoch {n}/{args.num_epochs}  step {step}  test reconstruction "
               f"{metrics['reconstruction']:.5f}  quantization {metrics['quantization']:.5f}  "
               f"codes used {metrics['codes_used']}/{args.k}  perplexity {metrics['perplexity']:.1f}"

@@ -5,9 +5,9 @@
     python generate.py --model models/pretrained/vqvae_mnist.pt --input prior \\
         --prior-model models/pretrained/prior_mnist.pt --filename digits [--digit 3] [--temperature 0.8]
 
---input MNIST reconstructs the first 100 test images; --input random passes unit-Gaussian noise images
-through the autoencoder, as the seed repo did; --input prior samples code maps from the Gated PixelCNN
-prior, row i of the grid holding digit i (or all --digit), and decodes them. The grid goes to
+--input MNIST reconstructs the first 100 test images; --input random passes Gaussian noise images
+(mean 0.5, std 0.5) through the autoencoder, as the seed repo did; --input prior samples code maps
+from the Gated PixelCNN prior, row i of the grid holding digit i (or all --digit), and decodes them. The grid goes to
 generatedImages/<filename>.png. With --num-samples N --samples-out FILE.pt, N prior samples (digit
 n % 10 for sample n, or --digit) are also written as a uint8 tensor (N, 1, 28, 28).
 """

@@ -61,7 +61,7 @@ def script_checks(device, data, full_run):
                                "--num-epochs", "1", "--train-subset", "5000", "--test-subset",
                                "1000", "--output-folder", "prior"], last_line),
         ("classifier.py", [*script["classifier.py"], "--num-epochs", "1", "--output-folder",
-                           "judge"], lambda out: out.splitlines()[-2]),
+                           "judge"], last_line),
         *[(f"generate.py --input {source}",
            [*script["generate.py"], "--model", "models/eager/best.pt", "--input", source,
             "--filename", source, *(prior if source == "prior" else [])], last_line)

@@ -9,7 +9,6 @@ negative log-likelihood of the code maps: reported in nats per code map (49 code
 Writes logs/<output-folder>/ and models/<output-folder>/{best,last}.pt (kind 'prior').
 """
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +16,15 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from checkpoints import (load_optimizer_state, load_resume_checkpoint, load_state, load_vqvae,
-                         save_checkpoint)
-from cli import (ArgumentParser, add_vqvae_size_flags, nonnegative_int, positive_float,
+from checkpoints import load_optimizer_state, load_state, load_vqvae
+from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_int, positive_float,
                  positive_int, resolve_device, vqvae_sizes)
 from data import MNISTSplit
 from gated_pixelcnn import GatedPixelCNN
-from runs import apply_resume_config, prepare_run_folders, rng_state, seed_everything, set_rng_state
+from runs import TrainingRun, parse_run_args, rng_state, seed_everything, set_rng_state
 from training import LR_SCHEDULES, make_optimizer, make_scheduler
 
+TRAIN_SCALARS = ("loss/train/nll_nats_per_map", "loss/train/bits_per_code")
 LOCKED_ON_RESUME = ("num_layers", "hidden_size", "batch_size", "lr", "lr_schedule", "seed",
                     "train_subset")
 
@@ -49,7 +48,8 @@ def test_nll(prior, codes, labels, batch_size=1000):
 
 def build_parser():
     p = ArgumentParser(prog="pixelcnn_prior.py", description="Train a Gated PixelCNN code prior.")
-    p.add_argument("--vqvae-model", required=True, help="VQ-VAE checkpoint whose codes are modelled")
+    p.add_argument("--vqvae-model", help="VQ-VAE checkpoint whose codes are modelled (required; "
+                   "on --resume, the run's)")
     p.add_argument("--data-folder", default="data")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=positive_int, default=128)
@@ -70,16 +70,17 @@ def build_parser():
     return p
 
 
-def main():
-    parser = build_parser()
-    args = parser.parse_args()
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_resume_checkpoint(args.resume, "prior")
-        apply_resume_config(parser, args, checkpoint["config"], LOCKED_ON_RESUME)
+def parse_args(argv=None):
+    """On --resume, flags not typed (--vqvae-model too) take the run's values."""
+    args, checkpoint = parse_run_args(build_parser(), "prior", LOCKED_ON_RESUME, argv)
+    if not args.vqvae_model:
+        fail("--vqvae-model is required: the VQ-VAE checkpoint whose codes the prior models")
+    return args, checkpoint
+
+
+def main(args, checkpoint=None):
     device = resolve_device(args.device)
     vqvae, _ = load_vqvae(args.vqvae_model, device, "--vqvae-model", vqvae_sizes(args))
-    log_dir, model_dir = prepare_run_folders(args.output_folder, args.resume, args.overwrite)
     shuffle = seed_everything(args.seed)
     train_codes, train_labels = extract_codes(
         vqvae, MNISTSplit(args.data_folder, True, device, limit=args.train_subset))
@@ -90,9 +91,9 @@ def main():
     prior = GatedPixelCNN(K, args.hidden_size, args.num_layers).to(device)
     optimizer = make_optimizer(prior, args.lr, device)
     n = len(train_codes)
-    total_steps = args.num_epochs * -(-n // args.batch_size)
-    scheduler = make_scheduler(optimizer, args.lr_schedule, total_steps)
-    start_epoch, step, best = 0, 0, float("inf")
+    steps_per_epoch = -(-n // args.batch_size)
+    scheduler = make_scheduler(optimizer, args.lr_schedule, args.num_epochs * steps_per_epoch)
+    start_epoch, step, batch_in_epoch, best = 0, 0, 0, float("inf")
     if checkpoint:
         load_state(prior, checkpoint["state_dict"], "--resume", args.resume)
         load_optimizer_state(optimizer, checkpoint["optimizer"])
@@ -100,14 +101,27 @@ def main():
             scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"], shuffle)
         start_epoch, step, best = checkpoint["epoch"], checkpoint["step"], checkpoint["best_nll"]
-    writer = SummaryWriter(log_dir)
+        batch_in_epoch = checkpoint.get("batch_in_epoch", 0)
+    run = TrainingRun("pixelcnn_prior.py", args.output_folder, args.resume, args.overwrite,
+                      args.log_every, device=device)
+
+    def checkpoint_dict(epoch, batch, shuffle_state, metrics):
+        return {"kind": "prior", "state_dict": prior.state_dict(), "config": config,
+                "epoch": epoch, "batch_in_epoch": batch, "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler else None,
+                "rng": {**rng_state(shuffle), "shuffle": shuffle_state}, "best_nll": best,
+                "metrics": metrics}
+
+    writer = SummaryWriter(run.log_dir)
     print(f"prior {args.output_folder}: {len(train_codes)} train / {len(test_codes)} test code maps, "
           f"K {K}, device {device}; uniform bound {49 * math.log2(K):.0f} bits per map")
     digits = torch.arange(10, device=device).repeat_interleave(8)
     for epoch in range(start_epoch, args.num_epochs):
+        shuffle_state = shuffle.get_state()
         order = torch.randperm(n, generator=shuffle).to(device)
-        running = torch.zeros((), device=device)
-        for i in tqdm(range(0, n, args.batch_size), leave=False, desc=f"epoch {epoch + 1}"):
+        for i in tqdm(range(batch_in_epoch * args.batch_size, n, args.batch_size), leave=False,
+                      desc=f"epoch {epoch + 1}", total=steps_per_epoch, initial=batch_in_epoch):
             idx = order[i:i + args.batch_size]
             codes, labels = train_codes[idx], train_labels[idx]
             loss = F.cross_entropy(prior(codes, labels), codes)          # nats per code
@@ -116,13 +130,15 @@ def main():
             optimizer.step()
             if scheduler:
                 scheduler.step()
-            running += loss.detach()
+            run.record(torch.stack([49 * loss.detach(), loss.detach() / math.log(2)]))
             step += 1
-            if step % args.log_every == 0:
-                nats = running.item() / args.log_every
-                writer.add_scalar("loss/train/nll_nats_per_map", 49 * nats, step)
-                writer.add_scalar("loss/train/bits_per_code", nats / math.log(2), step)
-                running.zero_()
+            batch_in_epoch += 1
+            if run.sync_due(step, batch_in_epoch == steps_per_epoch):
+                _, signum = run.sync(step, writer, TRAIN_SCALARS)
+                if signum:
+                    run.stop(signum, step, checkpoint_dict(epoch, batch_in_epoch, shuffle_state,
+                                                           None))
+        batch_in_epoch = 0
         nats = test_nll(prior, test_codes, test_labels)
         writer.add_scalar("loss/test/nll_nats_per_map", 49 * nats, epoch + 1)
         writer.add_scalar("loss/test/bits_per_code", nats / math.log(2), epoch + 1)
@@ -133,14 +149,10 @@ def main():
                                               normalize=True), epoch + 1)
         writer.flush()
         metrics = {"test_nll_nats_per_map": 49 * nats, "test_bits_per_map": 49 * nats / math.log(2)}
-        state = {"kind": "prior", "state_dict": prior.state_dict(), "config": config,
-                 "epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict() if scheduler else None,
-                 "rng": rng_state(shuffle), "best_nll": min(best, nats), "metrics": metrics}
-        if nats < best:
+        if nats < best:  # chosen by test NLL, never by a judge of the samples
             best = nats
-            save_checkpoint(os.path.join(model_dir, "best.pt"), state)
-        save_checkpoint(os.path.join(model_dir, "last.pt"), state)
+            run.save("best.pt", checkpoint_dict(epoch + 1, 0, shuffle.get_state(), metrics))
+        run.save("last.pt", checkpoint_dict(epoch + 1, 0, shuffle.get_state(), metrics))
         print(f"epoch {epoch + 1}/{args.num_epochs}  test NLL {49 * nats:.2f} nats = "
               f"{metrics['test_bits_per_map']:.1f} bits per code map "
               f"({nats / math.log(2):.3f} bits per code)")
@@ -148,4 +160,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(*parse_args())

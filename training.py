@@ -91,7 +91,11 @@ def make_precision(device, amp):
 
 def train_step(model, optimizer, scaler, images, beta, learned_codebook, amp_dtype=None):
     """One optimisation step, under autocast to `amp_dtype` when given -> the `vqvae_losses` tuple,
-    detached. `scaler` scales the loss for fp16 (a disabled one passes everything through)."""
+    detached. `scaler` scales the loss for fp16 (a disabled one passes everything through).
+
+    The codebook's training-time updates (k-means init on the first batch, the EMA statistics,
+    dead-code restarts) run in the forward pass, in `VQEmbedding.quantize`, whenever the model is in
+    training mode: they need this batch's encoder outputs, which only the forward pass has."""
     with torch.autocast(images.device.type, amp_dtype or torch.bfloat16,
                         enabled=amp_dtype is not None):
         losses = vqvae_losses(model, images, beta, learned_codebook)
