@@ -1220,6 +1220,48 @@ def test_gpu_check_says_there_is_no_gpu_and_exits_0(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_notebook_runs_headless_and_makes_its_files(tmp_path, monkeypatch):
+    """VQ-VAE.ipynb, every cell, in a fresh kernel, shrunk by VQVAE_NOTEBOOK_SMOKE=1, in a folder
+    that looks like a clone; its TensorBoard server (started by the %tensorboard magic) answers with
+    the run's logs and is then stopped."""
+    import json
+    import signal
+    import urllib.request
+    import nbformat
+    from nbclient import NotebookClient
+    from tensorboard import manager
+    for name in os.listdir(REPO):
+        if name.endswith((".py", ".txt")) or name == "MNIST":
+            (tmp_path / name).symlink_to(os.path.join(REPO, name))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "pretrained").symlink_to(os.path.join(REPO, "models", "pretrained"))
+    monkeypatch.setenv("VQVAE_NOTEBOOK_SMOKE", "1")
+    servers_before = {info.pid for info in manager.get_all()}
+    notebook = nbformat.read(os.path.join(REPO, "VQ-VAE.ipynb"), as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells)  # committed without outputs
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    answers = []
+    with client.setup_kernel():
+        for index, cell in enumerate(notebook.cells):
+            client.execute_cell(cell, index)
+            for info in manager.get_all():  # a server the %tensorboard magic started just now
+                if info.pid not in servers_before:
+                    servers_before.add(info.pid)
+                    with urllib.request.urlopen(f"http://localhost:{info.port}/data/runs",
+                                                timeout=30) as response:
+                        answers.append(json.loads(response.read()))
+                    os.kill(info.pid, signal.SIGTERM)
+    errors = [output for cell in notebook.cells for output in cell.get("outputs", [])
+              if output.get("output_type") == "error"]
+    assert not errors, errors
+    for path in ("models/colab/best.pt", "models/colab_prior/best.pt",
+                 "generatedImages/colab_reconstructions.png", "generatedImages/colab_digits.png",
+                 "generatedImages/colab_prior_digits.png"):
+        assert (tmp_path / path).exists(), path
+    assert answers and "colab" in answers[0], answers  # the server read this run's logs
+
+
 def test_sample_quality_reports_every_source(trained_prior, data_folder):
     import json
     cwd, _ = trained_prior
