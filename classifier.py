@@ -44,6 +44,7 @@ def build_parser():
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--train-subset", type=positive_int, default=TRAIN_IMAGES,
                    help=f"first N training images (at most {TRAIN_IMAGES})")
+    p.add_argument("--test-subset", type=positive_int, default=None, help="first N test images")
     p.add_argument("--resume", default=None, help="continue from a last.pt of this script")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run of this name")
     p.add_argument("--log-every", type=positive_int, default=50)
@@ -58,7 +59,7 @@ def main(args, checkpoint=None):
     device = resolve_device(args.device)
     shuffle = seed_everything(args.seed)
     train_set = MNISTSplit(args.data_folder, True, device, limit=min(args.train_subset, TRAIN_IMAGES))
-    test_set = MNISTSplit(args.data_folder, False, device)
+    test_set = MNISTSplit(args.data_folder, False, device, limit=args.test_subset)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     model = MNISTClassifier().to(device)
     optimizer = make_optimizer(model, args.lr, device)

@@ -968,7 +968,7 @@ def interrupt_then_resume(script, flags, cwd, name, first_line, signum=2):
 def prior_flags(trained_run, data_folder):
     cwd, _ = trained_run
     return ["--vqvae-model", str(cwd / "models" / "tiny" / "best.pt"), "--data-folder",
-            data_folder, "--train-subset", "8192", "--test-subset", "256", "--num-epochs", "1",
+            data_folder, "--train-subset", "4096", "--test-subset", "256", "--num-epochs", "1",
             "--num-layers", "4", "--hidden-size", "32"]
 
 
@@ -983,7 +983,8 @@ def test_prior_signal_then_resume_is_bit_identical(trained_run, data_folder, tmp
 @pytest.mark.parametrize("script", ["pixelcnn_prior.py", "classifier.py"])
 def test_other_trainers_stop_on_nan_without_writing(trained_run, data_folder, tmp_path, script):
     flags = prior_flags(trained_run, data_folder) if script == "pixelcnn_prior.py" else \
-        ["--data-folder", data_folder, "--train-subset", "1024", "--num-epochs", "1"]
+        ["--data-folder", data_folder, "--train-subset", "1024", "--test-subset", "500",
+         "--num-epochs", "1"]
     result = run(script, "--output-folder", "nan", *flags, "--lr", "1e30", "--log-every", "2",
                  cwd=tmp_path, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
@@ -991,7 +992,7 @@ def test_other_trainers_stop_on_nan_without_writing(trained_run, data_folder, tm
     assert not os.listdir(tmp_path / "models" / "nan")
 
 
-CLASSIFIER = ["--train-subset", "8192", "--num-epochs", "2", "--seed", "1"]
+CLASSIFIER = ["--train-subset", "3072", "--test-subset", "1000", "--num-epochs", "2", "--seed", "1"]
 
 
 @pytest.fixture(scope="session")
@@ -1255,6 +1256,9 @@ def test_notebook_runs_headless_and_makes_its_files(tmp_path, monkeypatch):
     errors = [output for cell in notebook.cells for output in cell.get("outputs", [])
               if output.get("output_type") == "error"]
     assert not errors, errors
+    shown = "".join(output.get("text", "") for cell in notebook.cells
+                    for output in cell.get("outputs", []))
+    assert "epoch 1/1" in shown and "test MSE" in shown  # the scripts' output shows in the notebook
     for path in ("models/colab/best.pt", "models/colab_prior/best.pt",
                  "generatedImages/colab_reconstructions.png", "generatedImages/colab_digits.png",
                  "generatedImages/colab_prior_digits.png"):
