@@ -8,7 +8,7 @@ import torch
 
 from cli import fail
 from gated_pixelcnn import GatedPixelCNN
-from modules import vqvae_from_config
+from modules import MNISTClassifier, vqvae_from_config
 
 
 CHECKPOINT_KINDS = {"vqvae": "VQ-VAE.py", "prior": "pixelcnn_prior.py", "classifier": "classifier.py"}
@@ -142,3 +142,11 @@ def load_prior(path, device, K):
     prior = GatedPixelCNN(config["k"], config["hidden_size"], config["num_layers"])
     load_state(prior, checkpoint["state_dict"], "--prior-model", path)
     return prior.to(device).eval()
+
+
+def load_classifier(path, device):
+    """The judge classifier of classifier.py, in eval mode."""
+    checkpoint = load_checkpoint(path, "classifier", "--classifier")
+    classifier = MNISTClassifier()
+    load_state(classifier, checkpoint["state_dict"], "--classifier", path)
+    return classifier.to(device).eval()

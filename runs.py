@@ -32,12 +32,11 @@ def check_run_name(name, resume, overwrite):
 
 
 def prepare_run_folders(name, resume, overwrite, rank=0):
-    """logs/<name> and models/<name>, created by rank 0 (after `check_run_name`); --overwrite
-    deletes the earlier run's checkpoints and event files first."""
+    """logs/<name> and models/<name>, created by rank 0 once `check_run_name` (in `parse_run_args`)
+    has passed; --overwrite deletes the earlier run's checkpoints and event files first."""
     log_dir, model_dir = os.path.join("logs", name), os.path.join("models", name)
     if rank != 0:
         return log_dir, model_dir
-    check_run_name(name, resume, overwrite)
     make_output_dirs(log_dir, model_dir)
     if overwrite and not resume:
         for path in glob.glob(os.path.join(model_dir, "*.pt")) + \

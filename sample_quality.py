@@ -18,7 +18,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from generate import sample_prior
-from checkpoints import load_checkpoint, load_prior, load_state, load_vqvae
+from checkpoints import load_classifier, load_prior, load_vqvae
 from cli import (ArgumentParser, add_vqvae_size_flags, nonnegative_int, positive_float,
                  positive_int, resolve_device, vqvae_sizes)
 from data import MNISTSplit, normalize, to_uint8
@@ -63,10 +63,7 @@ def main():
     torch.manual_seed(args.seed)
     vqvae, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, vqvae.codeBook.K)
-    checkpoint = load_checkpoint(args.classifier, "classifier", "--classifier")
-    classifier = MNISTClassifier()
-    load_state(classifier, checkpoint["state_dict"], "--classifier", args.classifier)
-    classifier = classifier.to(device).eval()
+    classifier = load_classifier(args.classifier, device)
     n, K = args.num_samples, vqvae.codeBook.K
 
     train = MNISTSplit(args.data_folder, True, device)

@@ -892,20 +892,17 @@ def test_generate_from_prior(trained_prior):
 
 def test_generate_digit_draws_that_digit(tmp_path, data_folder):
     """--digit 3 with the committed models: the committed judge reads the samples as 3s."""
-    from checkpoints import load_checkpoint
-    from modules import MNISTClassifier
+    from checkpoints import load_classifier
     from data import normalize
     pretrained = os.path.join(REPO, "models", "pretrained")
     run("generate.py", "--model", os.path.join(pretrained, "vqvae_mnist.pt"), "--input", "prior",
         "--prior-model", os.path.join(pretrained, "prior_mnist.pt"), "--digit", "3",
         "--temperature", "0.7", "--num-samples", "50", "--samples-out", "threes.pt",
         "--filename", "threes", cwd=tmp_path, in_process=True)
-    judge = MNISTClassifier()
-    judge.load_state_dict(load_checkpoint(os.path.join(pretrained, "classifier.pt"),
-                                          "classifier")["state_dict"])
+    judge = load_classifier(os.path.join(pretrained, "classifier.pt"), "cpu")
     samples = torch.load(tmp_path / "threes.pt", weights_only=True)
     with torch.no_grad():
-        digits = judge.eval()(normalize(samples[:, 0])).argmax(1)
+        digits = judge(normalize(samples[:, 0])).argmax(1)
     assert (digits == 3).float().mean() >= 0.9, digits.tolist()
 
 
@@ -1281,15 +1278,12 @@ def test_sample_quality_reports_every_source(trained_prior, data_folder):
         assert real["frechet_distance"] < rows["codes drawn uniformly"]["frechet_distance"]
     # Agreement is the judge's accuracy on what it is shown: for real images, checked here by hand.
     # (The tiny VQ-VAE barely reconstructs; the committed models are judged in the next test.)
-    from checkpoints import load_checkpoint
+    from checkpoints import load_classifier
     from data import normalize
-    from modules import MNISTClassifier
-    judge = MNISTClassifier()
-    judge.load_state_dict(load_checkpoint(os.path.join(REPO, "models", "pretrained",
-                                                       "classifier.pt"), "classifier")["state_dict"])
+    judge = load_classifier(os.path.join(REPO, "models", "pretrained", "classifier.pt"), "cpu")
     test = MNISTSplit(data_folder, False, "cpu", limit=200)
     with torch.no_grad():
-        correct = (judge.eval()(normalize(test.images)).argmax(1) == test.labels).float().mean()
+        correct = (judge(normalize(test.images)).argmax(1) == test.labels).float().mean()
     assert rows["real: test images (the reference itself)"]["agreement"] == \
         pytest.approx(correct.item())
 
