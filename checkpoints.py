@@ -8,7 +8,7 @@ import torch
 
 from cli import fail
 from gated_pixelcnn import GatedPixelCNN
-from modules import MNISTClassifier, vqvae_from_config
+from modules import CLASSIFIERS, vqvae_from_config
 
 
 CHECKPOINT_KINDS = {"vqvae": "VQ-VAE.py", "prior": "pixelcnn_prior.py", "classifier": "classifier.py"}
@@ -139,14 +139,15 @@ def load_prior(path, device, K):
     if config["k"] != K:
         fail(f"--prior-model {path} was built for a codebook of K={config['k']}, but the VQ-VAE "
              f"has K={K}")
-    prior = GatedPixelCNN(config["k"], config["hidden_size"], config["num_layers"])
+    prior = GatedPixelCNN(config["k"], config["hidden_size"], config["num_layers"],
+                          unconditional=config.get("label_dropout", 0) > 0)
     load_state(prior, checkpoint["state_dict"], "--prior-model", path)
     return prior.to(device).eval()
 
 
 def load_classifier(path, device):
-    """The judge classifier of classifier.py, in eval mode."""
+    """A judge classifier of classifier.py (either --arch), in eval mode."""
     checkpoint = load_checkpoint(path, "classifier", "--classifier")
-    classifier = MNISTClassifier()
+    classifier = CLASSIFIERS[checkpoint["config"].get("arch", "cnn")]()
     load_state(classifier, checkpoint["state_dict"], "--classifier", path)
     return classifier.to(device).eval()

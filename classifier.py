@@ -1,6 +1,7 @@
-"""Train the small MNIST classifier that judges generated digits (sample_quality.py).
+"""Train an MNIST classifier that judges generated digits (sample_quality.py).
 
-    python classifier.py --output-folder classifier
+    python classifier.py --output-folder classifier                      # the CNN judge
+    python classifier.py --arch mlp --seed 1 --output-folder classifier_mlp   # the second judge
     python classifier.py --resume models/classifier/last.pt      # continue an interrupted run
 
 Trains on the first 50,000 training images; the last 10,000 stay held out so that their Frechet
@@ -16,12 +17,12 @@ from tqdm import tqdm
 from checkpoints import load_optimizer_state, load_state
 from cli import ArgumentParser, nonnegative_int, positive_float, positive_int, resolve_device
 from data import MNISTSplit
-from modules import MNISTClassifier
+from modules import CLASSIFIERS
 from runs import TrainingRun, parse_run_args, rng_state, seed_everything, set_rng_state
 from training import make_optimizer
 
 TRAIN_IMAGES = 50000  # images 50,000 .. 59,999 are held out
-LOCKED_ON_RESUME = ("num_epochs", "batch_size", "lr", "seed", "train_subset")  # one-cycle schedule
+LOCKED_ON_RESUME = ("arch", "num_epochs", "batch_size", "lr", "seed", "train_subset")  # one-cycle schedule
 
 
 @torch.no_grad()
@@ -36,6 +37,8 @@ def accuracy(model, split):
 def build_parser():
     p = ArgumentParser(prog="classifier.py", description="Train the MNIST judge classifier.")
     p.add_argument("--output-folder", default="classifier")
+    p.add_argument("--arch", choices=sorted(CLASSIFIERS), default="cnn",
+                   help="cnn: the small CNN judge; mlp: a pixel MLP, the second judge")
     p.add_argument("--data-folder", default="data")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-epochs", type=positive_int, default=4)
@@ -61,7 +64,7 @@ def main(args, checkpoint=None):
     train_set = MNISTSplit(args.data_folder, True, device, limit=min(args.train_subset, TRAIN_IMAGES))
     test_set = MNISTSplit(args.data_folder, False, device, limit=args.test_subset)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
-    model = MNISTClassifier().to(device)
+    model = CLASSIFIERS[args.arch]().to(device)
     optimizer = make_optimizer(model, args.lr, device)
     steps_per_epoch = -(-len(train_set) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr,

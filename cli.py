@@ -46,6 +46,12 @@ positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 
 
+unit_float = _number(float, lambda v: 0 < v <= 1, "a number > 0 and <= 1")
+
+
+fraction = _number(float, lambda v: 0 <= v < 1, "a number >= 0 and < 1")
+
+
 decay_float = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 
 

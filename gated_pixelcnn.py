@@ -6,6 +6,11 @@ codes (B, 7, 7) int64 and digit labels (B,) -> logits (B, K, 7, 7); trained by p
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+# generate.py's default --guidance-scale, measured in README ("The prior"): the scale at which the
+# committed prior's samples at temperature 1.0 are judged best.
+DEFAULT_GUIDANCE_SCALE = 1.0
 
 
 class GatedMaskedConv2d(nn.Module):
@@ -17,10 +22,10 @@ class GatedMaskedConv2d(nn.Module):
     Shapes: x_v, x_h (B, C, H, W) -> (B, C, H, W), (B, C, H, W); class_bias (B, 2C).
     """
 
-    def __init__(self, dim, kernel, first):
+    def __init__(self, dim, kernel, first, dropout=0.0):
         super().__init__()
         self.first = first  # mask 'A': the current position itself is hidden
-        half = kernel // 2
+        self.half = half = kernel // 2
         # Causal by shape, not by a mask: a kernel that has no tap on the hidden row or column cannot
         # see it, whatever its weights, device or copy. Padded by `half` and cropped to the first H
         # output rows, a kernel of `rows` rows makes row i see rows i - half .. i - half + rows - 1
@@ -31,6 +36,7 @@ class GatedMaskedConv2d(nn.Module):
         # Horizontal, likewise: column j sees columns j - half .. j (first layer: .. j - 1).
         self.horizontal = nn.Conv2d(dim, 2 * dim, (1, columns), padding=(0, half))
         self.horizontal_out = nn.Conv2d(dim, dim, 1)
+        self.dropout = nn.Dropout(dropout)  # on both stacks' gated outputs; no weights
         if first:
             self._register_load_state_dict_pre_hook(self._drop_masked_taps)
 
@@ -45,21 +51,40 @@ class GatedMaskedConv2d(nn.Module):
                 state_dict[key] = state_dict[key].narrow(dim, 0, wanted)
 
     @staticmethod
-    def gate(x):
-        a, b = x.chunk(2, dim=1)
+    def gate(x, dim=1):
+        a, b = x.chunk(2, dim=dim)
         return torch.tanh(a) * torch.sigmoid(b)
 
     def vertical_step(self, x_v, bias):
         """x_v (B, C, H, W) -> pre-gate h_vertical (B, 2C, H, W), gated out_v (B, C, H, W)."""
         h_vertical = self.vertical(x_v)[:, :, :x_v.size(2), :]
-        return h_vertical, self.gate(h_vertical + bias)
+        return h_vertical, self.dropout(self.gate(h_vertical + bias))
+
+    def vertical_row(self, x_v, bias):
+        """One output row from the input rows its kernel sees, channels last, zero padded above and
+        on both sides (the sampler's row loop): x_v (B, rows, half + W + half, C), bias (B, 2C) ->
+        h_vertical (B, W, 2C), out_v (B, W, C)."""
+        B, rows, _, C = x_v.shape
+        windows = x_v.unfold(2, self.vertical.kernel_size[1], 1)          # (B, rows, W, C, kw)
+        patches = windows.permute(0, 2, 1, 4, 3).flatten(2)               # (B, W, rows * kw * C)
+        h_vertical = pointwise(self.vertical, patches)
+        return h_vertical, self.dropout(self.gate(h_vertical + bias[:, None], dim=-1))
 
     def horizontal_step(self, h_vertical, x_h, bias):
         """x_h (B, C, H', W) with the matching rows of h_vertical -> out_h (B, C, H', W)."""
         h_horizontal = self.horizontal(x_h)[:, :, :, :x_h.size(3)]
         out = self.gate(self.vertical_to_horizontal(h_vertical) + h_horizontal + bias)
-        out_h = self.horizontal_out(out)
+        out_h = self.horizontal_out(self.dropout(out))
         return out_h if self.first else out_h + x_h
+
+    def horizontal_position(self, h_vertical, x_h, bias):
+        """One output position from the inputs its kernel sees, channels last (the sampler's inner
+        loop): h_vertical (B, 2C) at the position, x_h (B, `horizontal.kernel_size[1]`, C) ending
+        at the position (the one before it, first layer), bias (B, 2C) -> out_h (B, C)."""
+        h_horizontal = pointwise(self.horizontal, x_h.flatten(1))
+        out = self.gate(pointwise(self.vertical_to_horizontal, h_vertical) + h_horizontal + bias)
+        out_h = pointwise(self.horizontal_out, self.dropout(out))
+        return out_h if self.first else out_h + x_h[:, -1]
 
     def forward(self, x_v, x_h, class_bias):
         bias = class_bias[:, :, None, None]
@@ -67,19 +92,30 @@ class GatedMaskedConv2d(nn.Module):
         return out_v, self.horizontal_step(h_vertical, x_h, bias)
 
 
+def pointwise(conv, x):
+    """A convolution applied at one position as a matrix product: x (..., kh * kw * in), its
+    kernel's window flattened channels last -> (..., out)."""
+    return F.linear(x, conv.weight.permute(0, 2, 3, 1).flatten(1), conv.bias)
+
+
 class GatedPixelCNN(nn.Module):
     """Class-conditional autoregressive prior p(codes | digit) over (H, W) maps of K-way codes.
 
     codes (B, H, W) int64, labels (B,) -> logits (B, K, H, W); the logits at (i, j) depend only on
-    the codes before (i, j) in raster order."""
+    the codes before (i, j) in raster order. With `unconditional`, label `num_classes` (`null_label`)
+    means "no digit": trained with label dropout, one model is both p(codes | digit) and p(codes),
+    which classifier-free guidance needs."""
 
-    def __init__(self, K=512, dim=64, num_layers=12, num_classes=10):
+    def __init__(self, K=512, dim=64, num_layers=12, num_classes=10, dropout=0.0,
+                 unconditional=False):
         super().__init__()
         self.K = K
+        self.null_label = num_classes if unconditional else None
         self.embedding = nn.Embedding(K, dim)
-        self.class_embedding = nn.Embedding(num_classes, 2 * dim * num_layers)
+        self.class_embedding = nn.Embedding(num_classes + unconditional, 2 * dim * num_layers)
         self.layers = nn.ModuleList(
-            GatedMaskedConv2d(dim, 7 if i == 0 else 3, first=i == 0) for i in range(num_layers))
+            GatedMaskedConv2d(dim, 7 if i == 0 else 3, first=i == 0, dropout=dropout)
+            for i in range(num_layers))
         self.output = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, 4 * dim, 1), nn.ReLU(),
                                     nn.Conv2d(4 * dim, K, 1))
 
@@ -95,25 +131,79 @@ class GatedPixelCNN(nn.Module):
         return x_h
 
     @torch.no_grad()
-    def sample(self, labels, shape=(7, 7), temperature=1.0):
-        """labels (B,) -> codes (B, H, W), one position at a time in raster order.
+    def sample(self, labels, shape=(7, 7), temperature=1.0, guidance_scale=1.0, top_k=None,
+               top_p=1.0, return_logits=False):
+        """labels (B,) -> codes (B, H, W), one position at a time in raster order (in eval mode).
 
-        The vertical stacks at row i see only rows < i, so they run once per row; within the row
-        only the horizontal stacks of that one row (B, C, 1, W) run again for each position."""
-        codes = torch.zeros(len(labels), *shape, dtype=torch.long, device=labels.device)
-        biases = [b[:, :, None, None] for b in
-                  self.class_embedding(labels).chunk(len(self.layers), dim=1)]
-        for i in range(shape[0]):
-            x_v = self.embedding(codes[:, :i + 1]).permute(0, 3, 1, 2)    # (B, dim, i+1, W)
-            vertical_rows = []
-            for layer, bias in zip(self.layers, biases):
-                h_vertical, x_v = layer.vertical_step(x_v, bias)
-                vertical_rows.append(h_vertical[:, :, i:i + 1])           # (B, 2 dim, 1, W)
-            for j in range(shape[1]):
-                x_h = self.embedding(codes[:, i:i + 1]).permute(0, 3, 1, 2)  # (B, dim, 1, W)
-                for layer, bias, h_vertical in zip(self.layers, biases, vertical_rows):
-                    x_h = layer.horizontal_step(h_vertical, x_h, bias)
-                logits = self.output(x_h[:, :, :, j:j + 1])[:, :, 0, 0].float()   # (B, K)
-                probs = torch.softmax(logits / temperature, 1)
-                codes[:, i, j] = torch.multinomial(probs, 1).squeeze(1)
+        Each layer's inputs are cached as they are produced, so every position costs one pass of
+        each layer over the few inputs its kernel sees, like a transformer's key/value cache.
+        guidance_scale s != 1 mixes conditional and unconditional logits, u + s (c - u) (Ho and
+        Salimans 2022, "Classifier-Free Diffusion Guidance", eq. 6, on logits): the null-label
+        half runs in the same batch. Then temperature, then top-k / nucleus (top-p) filtering.
+        With return_logits, also the guided logits (B, K, H, W) each code was drawn from."""
+        B, (H, W) = len(labels), shape
+        guided = guidance_scale != 1.0
+        if guided:
+            if self.null_label is None:
+                raise ValueError("guidance needs a prior trained with label dropout")
+            labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
+        biases = self.class_embedding(labels).chunk(len(self.layers), dim=1)     # (N, 2C) each
+        N, dim, halves = len(labels), self.embedding.embedding_dim, [l.half for l in self.layers]
+        # Every layer's inputs, channels last, with zeros where its kernel overhangs the map: the
+        # vertical input (N, half + H, half + W + half, C) and, for the current row, the
+        # horizontal input (N, half + W, C).
+        v_in = [self.embedding.weight.new_zeros(N, half + H, half + W + half, dim) for half in halves]
+        codes = torch.zeros(B, H, W, dtype=torch.long, device=labels.device)
+        all_logits = []
+        for i in range(H):
+            h_vertical = []
+            for l, (layer, bias) in enumerate(zip(self.layers, biases)):
+                rows = v_in[l][:, i:i + layer.vertical.kernel_size[0]]
+                h_row, out_v = layer.vertical_row(rows, bias)            # (N, W, 2C), (N, W, C)
+                h_vertical.append(h_row)
+                if l + 1 < len(self.layers):
+                    half = halves[l + 1]
+                    v_in[l + 1][:, half + i, half:half + W] = out_v
+            h_in = [v_in[0].new_zeros(N, half + W, dim) for half in halves]
+            for j in range(W):
+                for l, (layer, bias) in enumerate(zip(self.layers, biases)):
+                    x_h = h_in[l][:, j:j + layer.horizontal.kernel_size[1]]
+                    out_h = layer.horizontal_position(h_vertical[l][:, j], x_h, bias)  # (N, C)
+                    if l + 1 < len(self.layers):
+                        h_in[l + 1][:, halves[l + 1] + j] = out_h
+                head = self.output   # ReLU, 1x1 conv, ReLU, 1x1 conv
+                logits = pointwise(head[3], F.relu(pointwise(head[1], F.relu(out_h)))).float()
+                if guided:
+                    conditional, unconditional = logits.chunk(2)
+                    logits = unconditional + guidance_scale * (conditional - unconditional)
+                all_logits.append(logits)                                    # (B, K)
+                codes[:, i, j] = draw(filter_logits(logits / temperature, top_k, top_p))
+                embedded = self.embedding(codes[:, i, j]).repeat(2 if guided else 1, 1)
+                h_in[0][:, halves[0] + j] = embedded
+                v_in[0][:, halves[0] + i, halves[0] + j] = embedded
+        if return_logits:
+            return codes, torch.stack(all_logits, 2).view(B, self.K, H, W)
         return codes
+
+
+def draw(logits):
+    """One index per row of logits (B, K) with probability softmax(logits), by inverting the
+    cumulative distribution: (B,) int64. (torch.multinomial is slower here; right=True never
+    lands on a code of probability 0.)"""
+    cumulative = logits.softmax(1).cumsum(1)
+    u = torch.rand(len(logits), 1, device=logits.device) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, u, right=True).clamp_(max=logits.size(1) - 1).squeeze(1)
+
+
+def filter_logits(logits, top_k=None, top_p=1.0):
+    """logits (B, K) -> the same with all but the top_k largest, and all outside the smallest set
+    whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020), set to -inf."""
+    if top_k is not None and top_k < logits.size(1):
+        kth_largest = logits.topk(top_k, dim=1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=1, descending=True)
+        probs = ordered.softmax(1)
+        outside = probs.cumsum(1) - probs >= top_p    # the mass before this code already reaches p
+        logits = logits.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
+    return logits

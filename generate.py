@@ -3,11 +3,13 @@
     python generate.py --model models/pretrained/vqvae_mnist.pt --input MNIST --filename recon
     python generate.py --model models/pretrained/vqvae_mnist.pt --input random --filename noise
     python generate.py --model models/pretrained/vqvae_mnist.pt --input prior \\
-        --prior-model models/pretrained/prior_mnist.pt --filename digits [--digit 3] [--temperature 0.8]
+        --prior-model models/pretrained/prior_mnist.pt --filename digits [--digit 3] \\
+        [--guidance-scale 2] [--temperature 0.8] [--top-k 50] [--top-p 0.9]
 
 --input MNIST reconstructs the first 100 test images; --input random passes Gaussian noise images
 (mean 0.5, std 0.5) through the autoencoder, as the seed repo did; --input prior samples code maps
-from the Gated PixelCNN prior, row i of the grid holding digit i (or all --digit), and decodes them. The grid goes to
+from the Gated PixelCNN prior, row i of the grid holding digit i (or all --digit), and decodes them
+(classifier-free guidance, temperature, top-k and nucleus filtering: `add_sampler_flags`). The grid goes to
 generatedImages/<filename>.png. With --num-samples N --samples-out FILE.pt, N prior samples (digit
 n % 10 for sample n, or --digit) are also written as a uint8 tensor (N, 1, 28, 28).
 """
@@ -17,8 +19,9 @@ import torch
 from torchvision.utils import save_image
 
 from checkpoints import load_prior, load_vqvae, save_checkpoint
-from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_int, positive_float,
-                 positive_int, resolve_device, vqvae_sizes)
+from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_float, nonnegative_int,
+                 positive_float, positive_int, resolve_device, unit_float, vqvae_sizes)
+from gated_pixelcnn import DEFAULT_GUIDANCE_SCALE
 from data import MNISTSplit, to_uint8
 from runs import make_output_dirs
 
@@ -35,16 +38,41 @@ def build_parser():
     g = p.add_argument_group("prior (--input prior)")
     g.add_argument("--prior-model", help="checkpoint written by pixelcnn_prior.py")
     g.add_argument("--digit", type=int, choices=range(10), metavar="{0..9}", default=None)
-    g.add_argument("--temperature", type=positive_float, default=1.0)
+    add_sampler_flags(g)
     g.add_argument("--num-samples", type=positive_int, default=None)
     g.add_argument("--samples-out", default=None, help="FILE.pt for the --num-samples samples")
     return p
 
 
-def sample_prior(prior, vqvae, labels, temperature, batch_size=1000):
-    """labels (N,) -> decoded images (N, 1, 28, 28) in [-1, 1]."""
-    return torch.cat([vqvae.decode(prior.sample(y, temperature=temperature))
-                      for y in labels.split(batch_size)])
+def add_sampler_flags(parser, temperature=True):
+    parser.add_argument("--guidance-scale", type=nonnegative_float, default=None, metavar="S",
+                        help="classifier-free guidance: logits u + S (c - u) from the prior's "
+                             "unconditional u and conditional c; 1 is none. Default "
+                             f"{DEFAULT_GUIDANCE_SCALE} (measured, README), 1 for a prior "
+                             "trained without --label-dropout")
+    if temperature:
+        parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--top-k", type=positive_int, default=None,
+                        help="sample among the K most likely codes only")
+    parser.add_argument("--top-p", type=unit_float, default=1.0,
+                        help="nucleus sampling: among the most likely codes holding this mass")
+
+
+def sampler_options(args, prior, prior_path):
+    """The sampler flags -> keyword arguments of GatedPixelCNN.sample (temperature aside)."""
+    scale = args.guidance_scale
+    if scale is None:
+        scale = DEFAULT_GUIDANCE_SCALE if prior.null_label is not None else 1.0
+    elif scale != 1.0 and prior.null_label is None:
+        fail(f"--guidance-scale {scale}: --prior-model {prior_path} was trained without "
+             "--label-dropout, so it has no unconditional half to guide with (use 1)")
+    return {"guidance_scale": scale, "top_k": args.top_k, "top_p": args.top_p}
+
+
+def sample_prior(prior, vqvae, labels, batch_size=1000, **sampler):
+    """labels (N,) -> decoded images (N, 1, 28, 28) in [-1, 1]; `sampler`: GatedPixelCNN.sample's
+    options."""
+    return torch.cat([vqvae.decode(prior.sample(y, **sampler)) for y in labels.split(batch_size)])
 
 
 def main():
@@ -61,6 +89,8 @@ def main():
     torch.manual_seed(args.seed)
     model, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, model.codeBook.K) if args.input == "prior" else None
+    sampler = {"temperature": args.temperature, **sampler_options(args, prior, args.prior_model)} \
+        if prior else None
 
     def digits(n):
         labels = torch.arange(n, device=device) % 10 if args.digit is None else \
@@ -75,10 +105,9 @@ def main():
             generated = model(torch.normal(0.5, 0.5, size=(100, 1, 28, 28)).to(device))[0]
         else:  # row i holds digit i: sample n has digit n // 10 in the grid
             generated = sample_prior(prior, model, digits(100).view(10, 10).t().flatten(),
-                                     args.temperature)
+                                     **sampler)
         if args.num_samples:
-            samples = to_uint8(sample_prior(prior, model, digits(args.num_samples),
-                                            args.temperature)).cpu()
+            samples = to_uint8(sample_prior(prior, model, digits(args.num_samples), **sampler)).cpu()
     make_output_dirs("generatedImages")
     path = os.path.join("generatedImages", f"{args.filename}.png")
     save_image(generated.cpu(), path, nrow=10, normalize=True, value_range=(-1, 1))

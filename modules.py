@@ -129,8 +129,9 @@ def vqvae_from_config(config):
 
 
 class MNISTClassifier(nn.Module):
-    """Small CNN judge of generated digits: images (B, 1, 28, 28) in [-1, 1] -> logits (B, 10);
-    `features` gives the 128-d penultimate activations used for Frechet distances."""
+    """Small CNN judge of generated digits (classifier.py --arch cnn): images (B, 1, 28, 28) in
+    [-1, 1] -> logits (B, 10); `features` gives the 128-d penultimate activations used for
+    Frechet distances."""
 
     num_features = 128
 
@@ -148,3 +149,27 @@ class MNISTClassifier(nn.Module):
 
     def forward(self, images):
         return self.head(self.body(images))
+
+
+class MNISTMLPClassifier(nn.Module):
+    """The second judge (classifier.py --arch mlp): a multilayer perceptron on the raw pixels, with
+    no convolution, so that it errs differently from the CNN. images (B, 1, 28, 28) -> logits
+    (B, 10); `features`: 128-d penultimate activations."""
+
+    num_features = 128
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(28 * 28, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Dropout(0.2),
+            nn.Linear(512, self.num_features), nn.BatchNorm1d(self.num_features), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.num_features, 10))
+
+    def features(self, images):
+        return self.body(images)
+
+    def forward(self, images):
+        return self.head(self.body(images))
+
+
+CLASSIFIERS = {"cnn": MNISTClassifier, "mlp": MNISTMLPClassifier}

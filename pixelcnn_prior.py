@@ -8,6 +8,7 @@ The codes of the training and test sets are extracted once, on the chosen device
 negative log-likelihood of the code maps: reported in nats per code map (49 codes) and bits per code.
 Writes logs/<output-folder>/ and models/<output-folder>/{best,last}.pt (kind 'prior').
 """
+import copy
 import math
 
 import torch
@@ -17,8 +18,8 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from checkpoints import load_optimizer_state, load_state, load_vqvae
-from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_int, positive_float,
-                 positive_int, resolve_device, vqvae_sizes)
+from cli import (ArgumentParser, add_vqvae_size_flags, fail, fraction, nonnegative_int,
+                 positive_float, positive_int, resolve_device, vqvae_sizes)
 from data import MNISTSplit
 from gated_pixelcnn import GatedPixelCNN
 from runs import TrainingRun, parse_run_args, rng_state, seed_everything, set_rng_state
@@ -26,7 +27,7 @@ from training import LR_SCHEDULES, make_optimizer, make_scheduler
 
 TRAIN_SCALARS = ("loss/train/nll_nats_per_map", "loss/train/bits_per_code")
 LOCKED_ON_RESUME = ("num_layers", "hidden_size", "batch_size", "lr", "lr_schedule", "seed",
-                    "train_subset")
+                    "train_subset", "dropout", "label_dropout", "ema_decay")
 
 
 @torch.no_grad()
@@ -38,12 +39,22 @@ def extract_codes(vqvae, split):
 
 @torch.no_grad()
 def test_nll(prior, codes, labels, batch_size=1000):
-    """Mean negative log-likelihood in nats per code."""
+    """Mean negative log-likelihood in nats per code, given the true digits (no guidance)."""
+    was_training = prior.training
     prior.eval()
     total = sum(F.cross_entropy(prior(c, y), c, reduction="sum")
                 for c, y in zip(codes.split(batch_size), labels.split(batch_size)))
-    prior.train()
+    prior.train(was_training)
     return total.item() / codes.numel()
+
+
+@torch.no_grad()
+def update_ema(ema_prior, prior, decay, step):
+    """ema <- ema + (1 - d) (weights - ema), in place; d ramps up as (1 + step) / (10 + step) so the
+    random initial weights are forgotten early (a Polyak average of the recent weights)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for average, weight in zip(ema_prior.parameters(), prior.parameters()):
+        average.lerp_(weight, 1 - d)
 
 
 def build_parser():
@@ -59,6 +70,15 @@ def build_parser():
                    help="cosine decays the learning rate to 0 over the run")
     p.add_argument("--num-layers", type=positive_int, default=12)
     p.add_argument("--hidden-size", type=positive_int, default=64)
+    p.add_argument("--dropout", type=fraction, default=0.1,
+                   help="dropout on every layer's gated outputs")
+    p.add_argument("--label-dropout", type=fraction, default=0.1,
+                   help="fraction of training maps shown with the null label instead of their "
+                        "digit, so the prior is also unconditional (generate.py --guidance-scale); "
+                        "0 trains a conditional-only prior")
+    p.add_argument("--ema-decay", type=fraction, default=0.999,
+                   help="checkpoints hold this exponential moving average of the weights; 0: the "
+                        "weights themselves")
     p.add_argument("--output-folder", default="prior")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--resume", default=None, help="continue from a last.pt of this script")
@@ -88,14 +108,19 @@ def main(args, checkpoint=None):
         vqvae, MNISTSplit(args.data_folder, False, device, limit=args.test_subset))
     K = vqvae.codeBook.K
     config = {**{k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}, "k": K}
-    prior = GatedPixelCNN(K, args.hidden_size, args.num_layers).to(device)
+    prior = GatedPixelCNN(K, args.hidden_size, args.num_layers, dropout=args.dropout,
+                          unconditional=args.label_dropout > 0).to(device)
+    # The weights that are evaluated, saved and sampled: the average, or the weights themselves.
+    ema_prior = copy.deepcopy(prior).requires_grad_(False).eval() if args.ema_decay else prior
     optimizer = make_optimizer(prior, args.lr, device)
     n = len(train_codes)
     steps_per_epoch = -(-n // args.batch_size)
     scheduler = make_scheduler(optimizer, args.lr_schedule, args.num_epochs * steps_per_epoch)
     start_epoch, step, batch_in_epoch, best = 0, 0, 0, float("inf")
     if checkpoint:
-        load_state(prior, checkpoint["state_dict"], "--resume", args.resume)
+        load_state(prior, checkpoint.get("training_state_dict", checkpoint["state_dict"]),
+                   "--resume", args.resume)
+        load_state(ema_prior, checkpoint["state_dict"], "--resume", args.resume)
         load_optimizer_state(optimizer, checkpoint["optimizer"])
         if scheduler and checkpoint.get("scheduler"):
             scheduler.load_state_dict(checkpoint["scheduler"])
@@ -106,7 +131,10 @@ def main(args, checkpoint=None):
                       args.log_every, device=device)
 
     def checkpoint_dict(epoch, batch, shuffle_state, metrics):
-        return {"kind": "prior", "state_dict": prior.state_dict(), "config": config,
+        weights = {"state_dict": ema_prior.state_dict()}
+        if ema_prior is not prior:
+            weights["training_state_dict"] = prior.state_dict()
+        return {"kind": "prior", **weights, "config": config,
                 "epoch": epoch, "batch_in_epoch": batch, "step": step,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else None,
@@ -124,12 +152,17 @@ def main(args, checkpoint=None):
                       desc=f"epoch {epoch + 1}", total=steps_per_epoch, initial=batch_in_epoch):
             idx = order[i:i + args.batch_size]
             codes, labels = train_codes[idx], train_labels[idx]
+            if args.label_dropout:
+                dropped = torch.rand(labels.shape, device=device) < args.label_dropout
+                labels = labels.masked_fill(dropped, prior.null_label)
             loss = F.cross_entropy(prior(codes, labels), codes)          # nats per code
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if scheduler:
                 scheduler.step()
+            if ema_prior is not prior:
+                update_ema(ema_prior, prior, args.ema_decay, step)
             run.record(torch.stack([49 * loss.detach(), loss.detach() / math.log(2)]))
             step += 1
             batch_in_epoch += 1
@@ -139,11 +172,13 @@ def main(args, checkpoint=None):
                     run.stop(signum, step, checkpoint_dict(epoch, batch_in_epoch, shuffle_state,
                                                            None))
         batch_in_epoch = 0
-        nats = test_nll(prior, test_codes, test_labels)
+        nats = test_nll(ema_prior, test_codes, test_labels)
         writer.add_scalar("loss/test/nll_nats_per_map", 49 * nats, epoch + 1)
         writer.add_scalar("loss/test/bits_per_code", nats / math.log(2), epoch + 1)
-        prior.eval()
-        samples = vqvae.decode(prior.sample(digits))
+        if ema_prior is not prior:  # what the average buys
+            writer.add_scalar("loss/test/bits_per_code_without_ema",
+                              test_nll(prior, test_codes, test_labels) / math.log(2), epoch + 1)
+        samples = vqvae.decode(ema_prior.eval().sample(digits))
         prior.train()
         writer.add_image("samples", make_grid(samples.cpu(), nrow=8, value_range=(-1, 1),
                                               normalize=True), epoch + 1)

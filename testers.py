@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, load_prior, save_checkpoint
 from data import MNISTSplit
 from modules import VectorQuantizedVAE, vqvae_from_config
 from training import vqvae_losses
@@ -833,14 +833,56 @@ def test_prior_stays_causal_after_copy_training_and_device_moves():
 def test_prior_conditioning_and_sampling():
     from gated_pixelcnn import GatedPixelCNN
     torch.manual_seed(0)
-    prior = GatedPixelCNN(K=16, dim=8, num_layers=4).eval()
+    prior = GatedPixelCNN(K=16, dim=8, num_layers=4, unconditional=True).eval()
+    for parameter in prior.parameters():   # weights far from init, so that any cache slip shows
+        torch.nn.init.normal_(parameter, std=0.5)
     codes = torch.randint(16, (2, 7, 7))
     with torch.no_grad():
         assert not torch.allclose(prior(codes, torch.tensor([0, 0])), prior(codes, torch.tensor([0, 7])))
-        # the fast row-wise sampler agrees with the full forward pass: greedy codes are argmaxes
-        labels = torch.arange(4)
+        labels = torch.tensor([0, 3, 7, 9, 10])          # 10: the null label, no digit
+        # the cached sampler's logits at every position are the full forward pass's
+        sampled, logits = prior.sample(labels, return_logits=True)
+        torch.testing.assert_close(logits, prior(sampled, labels), atol=1e-4, rtol=1e-4)
+        # guided: u + s (c - u), the unconditional half run in the same batch
+        labels = labels[:4]
+        sampled, logits = prior.sample(labels, guidance_scale=2.5, return_logits=True)
+        u, c = prior(sampled, torch.full_like(labels, 10)), prior(sampled, labels)
+        torch.testing.assert_close(logits, u + 2.5 * (c - u), atol=1e-4, rtol=1e-4)
         greedy = prior.sample(labels, temperature=1e-6)
         assert torch.equal(prior(greedy, labels).argmax(1), greedy)
+    with pytest.raises(ValueError, match="label dropout"):
+        GatedPixelCNN(K=16, dim=8, num_layers=2).sample(labels, guidance_scale=2.0)
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    from gated_pixelcnn import draw, filter_logits
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().expand(200000, 5)
+    frequencies = torch.bincount(draw(logits), minlength=5) / 200000
+    torch.testing.assert_close(frequencies, probs, atol=5e-3, rtol=0)
+    assert frequencies[4] == 0                        # a code of probability 0 is never drawn
+    kept = lambda **kw: torch.isfinite(filter_logits(probs.log()[None], **kw)[0]).tolist()
+    assert kept(top_k=2) == [True, True, False, False, False]
+    # nucleus: the smallest set holding the mass; 0.5 + 0.3 reaches 0.8, so nothing after
+    assert kept(top_p=0.8) == [True, True, False, False, False]
+    assert kept(top_p=0.81) == [True, True, True, False, False]
+    assert kept(top_p=0.3) == [True, False, False, False, False]
+    assert kept(top_k=3, top_p=1.0) == [True, True, True, False, False]
+
+
+def test_prior_ema_follows_the_weights():
+    from gated_pixelcnn import GatedPixelCNN
+    from pixelcnn_prior import update_ema
+    prior, average = GatedPixelCNN(K=8, dim=4, num_layers=2), GatedPixelCNN(K=8, dim=4, num_layers=2)
+    before = [p.clone() for p in average.parameters()]
+    update_ema(average, prior, 0.999, step=0)         # step 0: decay ramps to 0.1
+    for p, b, w in zip(average.parameters(), before, prior.parameters()):
+        torch.testing.assert_close(p, b + 0.9 * (w - b))
+    for step in range(1, 3000):
+        update_ema(average, prior, 0.999, step)
+    for p, w in zip(average.parameters(), prior.parameters()):
+        torch.testing.assert_close(p, w, atol=1e-3, rtol=0)
 
 
 @pytest.fixture(scope="session")
@@ -862,7 +904,18 @@ def test_prior_training_lowers_nll(trained_prior):
     assert len(bits) == 2 and bits[1] < bits[0] < 49 * 5  # under the uniform bound 49 log2 32
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(cwd / "logs" / "prior")).Reload()
-    assert {"loss/test/nll_nats_per_map", "loss/test/bits_per_code"} <= set(events.Tags()["scalars"])
+    assert {"loss/test/nll_nats_per_map", "loss/test/bits_per_code",
+            "loss/test/bits_per_code_without_ema"} <= set(events.Tags()["scalars"])
+    # by default the checkpoint samples with the weights' moving average, keeps the weights to
+    # resume, and the prior learned the null label (label dropout) that guidance needs
+    average, weights = checkpoint["state_dict"], checkpoint["training_state_dict"]
+    assert average.keys() == weights.keys()
+    assert not torch.equal(average["embedding.weight"], weights["embedding.weight"])
+    prior = load_prior(str(cwd / "models" / "prior" / "best.pt"), "cpu", 32)
+    assert prior.null_label == 10
+    torch.testing.assert_close(prior.state_dict()["class_embedding.weight"],
+                               load_checkpoint(str(cwd / "models" / "prior" / "best.pt"), "prior")
+                               ["state_dict"]["class_embedding.weight"])
 
 
 def test_prior_resume_is_bit_identical(trained_prior, tmp_path, data_folder):
@@ -883,6 +936,7 @@ def test_generate_from_prior(trained_prior):
     cwd, _ = trained_prior
     run("generate.py", "--model", "models/tiny/best.pt", "--input", "prior", "--prior-model",
         "models/prior/best.pt", "--filename", "prior", "--temperature", "0.8",
+        "--guidance-scale", "2", "--top-k", "8", "--top-p", "0.9",
         "--num-samples", "30", "--samples-out", "samples.pt", cwd=cwd)
     image = np.asarray(Image.open(cwd / "generatedImages" / "prior.png").convert("L"))
     assert image.shape == (302, 302) and image.std() > 10
@@ -906,14 +960,20 @@ def test_generate_digit_draws_that_digit(tmp_path, data_folder):
     assert (digits == 3).float().mean() >= 0.9, digits.tolist()
 
 
-@pytest.mark.parametrize("case", ["missing", "digit", "temperature", "other_k", "vqvae_as_prior"])
+@pytest.mark.parametrize("case", ["missing", "digit", "temperature", "other_k", "vqvae_as_prior",
+                                  "guidance_without_null_label", "top_p"])
 def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
     cwd, _ = trained_prior
     vqvae, prior = str(cwd / "models/tiny/best.pt"), str(cwd / "models/prior/best.pt")
-    if case == "other_k":
-        other = tmp_path / "k64.pt"
+    if case in ("other_k", "guidance_without_null_label"):
+        other = tmp_path / "other.pt"
         checkpoint = torch.load(prior, weights_only=True)
-        checkpoint["config"]["k"] = 64
+        if case == "other_k":
+            checkpoint["config"]["k"] = 64
+        else:  # as a prior trained with --label-dropout 0: ten class rows, no null label
+            checkpoint["config"]["label_dropout"] = 0.0
+            rows = checkpoint["state_dict"]["class_embedding.weight"]
+            checkpoint["state_dict"]["class_embedding.weight"] = rows[:10]
         save_checkpoint(str(other), checkpoint)
         prior = str(other)
     args, words = {
@@ -922,10 +982,36 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
         "temperature": (["--prior-model", prior, "--temperature", "0"], ["--temperature"]),
         "other_k": (["--prior-model", prior], ["K=64", "K=32"]),
         "vqvae_as_prior": (["--prior-model", vqvae], ["vqvae checkpoint", "--prior-model"]),
+        "guidance_without_null_label": (["--prior-model", prior, "--guidance-scale", "2"],
+                                        ["--guidance-scale", "--label-dropout"]),
+        "top_p": (["--prior-model", prior, "--top-p", "1.5"], ["--top-p"]),
     }[case]
     result = run("generate.py", "--model", vqvae, "--input", "prior", *args, cwd=tmp_path,
                  check=False, in_process=True)
     assert_clean_failure(result, *words)
+
+
+def test_generate_guides_by_default_only_priors_that_can_be_guided(trained_prior, tmp_path,
+                                                                  monkeypatch):
+    """Without --guidance-scale: the measured default for a prior trained with label dropout, no
+    guidance (scale 1) for a conditional-only one, instead of an error."""
+    import gated_pixelcnn
+    cwd, _ = trained_prior
+    prior = str(cwd / "models/prior/best.pt")
+    checkpoint = torch.load(prior, weights_only=True)
+    checkpoint["config"]["label_dropout"] = 0.0
+    checkpoint["state_dict"]["class_embedding.weight"] = \
+        checkpoint["state_dict"]["class_embedding.weight"][:10]
+    save_checkpoint(str(tmp_path / "conditional.pt"), checkpoint)
+    scales = []
+    original = gated_pixelcnn.GatedPixelCNN.sample
+    monkeypatch.setattr(gated_pixelcnn.GatedPixelCNN, "sample", lambda self, labels, **kw: (
+        scales.append(kw["guidance_scale"]), original(self, labels, **kw))[1])
+    for path in (prior, "conditional.pt"):
+        run("generate.py", "--model", str(cwd / "models/tiny/best.pt"), "--input", "prior",
+            "--prior-model", path, cwd=tmp_path, in_process=True)
+    assert set(scales) == {gated_pixelcnn.DEFAULT_GUIDANCE_SCALE, 1.0} or \
+        gated_pixelcnn.DEFAULT_GUIDANCE_SCALE == 1.0 and set(scales) == {1.0}
 
 
 def test_resume_rejects_weights_only_checkpoints(tmp_path, data_folder):
@@ -1267,39 +1353,47 @@ def test_sample_quality_reports_every_source(trained_prior, data_folder):
     import json
     cwd, _ = trained_prior
     result = run("sample_quality.py", "--model", "models/tiny/best.pt", "--prior-model",
-                 "models/prior/best.pt", "--classifier",
-                 os.path.join(REPO, "models", "pretrained", "classifier.pt"), "--num-samples", "200",
-                 "--temperatures", "1.0", "--data-folder", data_folder, "--json", cwd=cwd)
+                 "models/prior/best.pt", "--num-samples", "200", "--guidance-scales", "1", "3",
+                 "--data-folder", data_folder, "--json", cwd=cwd)
     rows = {row["source"]: row for row in json.loads(result.stdout)}
-    assert len(rows) == 7 and all(row["images"] == 200 for row in rows.values())
-    floor = rows["real: held-out training images (floor)"]
-    assert floor["agreement"] > 0.95  # the committed judge reads real digits
-    for real in (floor, rows["real: test images (the reference itself)"]):
-        assert real["frechet_distance"] < rows["codes drawn uniformly"]["frechet_distance"]
-    # Agreement is the judge's accuracy on what it is shown: for real images, checked here by hand.
-    # (The tiny VQ-VAE barely reconstructs; the committed models are judged in the next test.)
+    assert len(rows) == 8 and all(row["images"] == 200 for row in rows.values())
+    assert {"prior, guidance 1, temperature 1", "prior, guidance 3, temperature 1"} <= rows.keys()
+    # both committed judges, each with every figure; agreement is the judge's accuracy on what it
+    # is shown: for real images, checked here by hand (the tiny VQ-VAE barely reconstructs; the
+    # committed models are judged in the next test)
     from checkpoints import load_classifier
     from data import normalize
-    judge = load_classifier(os.path.join(REPO, "models", "pretrained", "classifier.pt"), "cpu")
     test = MNISTSplit(data_folder, False, "cpu", limit=200)
-    with torch.no_grad():
-        correct = (judge(normalize(test.images)).argmax(1) == test.labels).float().mean()
-    assert rows["real: test images (the reference itself)"]["agreement"] == \
-        pytest.approx(correct.item())
+    for name in ("classifier", "classifier_mlp"):
+        judged = {source: row["judges"][name] for source, row in rows.items()}
+        assert judged["real: held-out training images (floor)"]["agreement"] > 0.9, name
+        for real in ("real: held-out training images (floor)",
+                     "real: test images (the reference itself)"):
+            assert judged[real]["frechet_distance"] < \
+                judged["codes drawn uniformly"]["frechet_distance"], name
+        judge = load_classifier(os.path.join(REPO, "models", "pretrained", name + ".pt"), "cpu")
+        with torch.no_grad():
+            correct = (judge(normalize(test.images)).argmax(1) == test.labels).float().mean()
+        assert judged["real: test images (the reference itself)"]["agreement"] == \
+            pytest.approx(correct.item()), name
 
 
 def test_committed_models_make_real_digits(tmp_path, data_folder):
-    """The committed VQ-VAE, prior and judge fit together: reconstructions and prior samples are
-    read as the digits asked for and lie far closer to real digits than uniformly drawn codes."""
+    """The committed VQ-VAE, prior and judges fit together: under both judges, reconstructions and
+    prior samples (generate.py's default sampler) are read as the digits asked for and lie far
+    closer to real digits than uniformly drawn codes."""
     import json
     pretrained = os.path.join(REPO, "models", "pretrained")
     result = run("sample_quality.py", "--model", os.path.join(pretrained, "vqvae_mnist.pt"),
-                 "--prior-model", os.path.join(pretrained, "prior_mnist.pt"), "--classifier",
-                 os.path.join(pretrained, "classifier.pt"), "--num-samples", "200",
-                 "--temperatures", "0.7", "--data-folder", data_folder, "--json", cwd=tmp_path)
+                 "--prior-model", os.path.join(pretrained, "prior_mnist.pt"), "--num-samples",
+                 "200", "--data-folder", data_folder, "--json", cwd=tmp_path)
     rows = {row["source"]: row for row in json.loads(result.stdout)}
-    uniform = rows["codes drawn uniformly"]["frechet_distance"]
-    for source in ("Gated PixelCNN prior, temperature 0.7",
-                   "VQ-VAE reconstructions of held-out training images (the prior's ceiling)"):
-        assert rows[source]["agreement"] > 0.9, rows[source]
-        assert rows[source]["frechet_distance"] < uniform / 10, (rows[source], uniform)
+    sampled = [source for source in rows if source.startswith("prior, guidance")]
+    assert len(sampled) == 1, rows.keys()
+    for name in ("classifier", "classifier_mlp"):
+        uniform = rows["codes drawn uniformly"]["judges"][name]["frechet_distance"]
+        for source in sampled + [
+                "VQ-VAE reconstructions of held-out training images (the prior's ceiling)"]:
+            figures = rows[source]["judges"][name]
+            assert figures["agreement"] > 0.9, (name, source, figures)
+            assert figures["frechet_distance"] < uniform / 10, (name, source, figures, uniform)
