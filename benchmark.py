@@ -3,11 +3,15 @@
     python benchmark.py                          # CPU, batch 128
     python benchmark.py --device cuda --compile --amp --json
     python benchmark.py --full-run               # also time a whole 10-epoch VQ-VAE.py run
+    python benchmark.py --prior-samples 10000    # also time 10,000 digits from the committed prior
 
 (a) seed-style: torchvision Dataset/DataLoader (PIL decode, ToTensor, Normalize, workers), fp32, eager.
 (b) fast path:  the split as uint8 on the device, shuffled there; --amp and --compile when given.
 Each is warmed up, then timed over --steps training steps including fetching the batches.
+--prior-samples N times generate.py's default sampler drawing and decoding N digits from the
+committed VQ-VAE and prior (models/pretrained).
 """
+import argparse
 import json
 import os
 import subprocess
@@ -17,8 +21,10 @@ import time
 
 import torch
 
+from checkpoints import load_prior, load_vqvae
 from cli import ArgumentParser, nonnegative_int, positive_int, resolve_device
 from data import MNISTSplit
+from generate import sample_prior, sampler_options
 from modules import DEFAULT_CONFIG, vqvae_from_config
 from training import make_optimizer, make_precision, maybe_compile, train_step
 
@@ -60,6 +66,24 @@ def time_full_run(args):
         return time.perf_counter() - started
 
 
+def time_prior_samples(n, device):
+    """-> (seconds to draw and decode n digits, the sampler's options)."""
+    pretrained = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained")
+    vqvae, _ = load_vqvae(os.path.join(pretrained, "vqvae_mnist.pt"), device)
+    path = os.path.join(pretrained, "prior_mnist.pt")
+    prior = load_prior(path, device, vqvae.codeBook.K)
+    defaults = argparse.Namespace(guidance_scale=None, top_k=None, top_p=1.0)
+    sampler = {"temperature": 1.0, **sampler_options(defaults, prior, path)}
+    labels = torch.arange(n, device=device) % 10
+    with torch.no_grad():
+        sample_prior(prior, vqvae, labels[:10], **sampler)   # warm-up
+        synchronize(device)
+        started = time.perf_counter()
+        sample_prior(prior, vqvae, labels, **sampler)
+        synchronize(device)
+    return time.perf_counter() - started, sampler
+
+
 def main():
     p = ArgumentParser(prog="benchmark.py", description="Seed pipeline vs fast path, ms per step.")
     p.add_argument("--device", default="cpu")
@@ -71,6 +95,8 @@ def main():
     p.add_argument("--amp", action="store_true", help="VQ-VAE.py's --amp on the fast path")
     p.add_argument("--compile", action="store_true", help="torch.compile on the fast path")
     p.add_argument("--full-run", action="store_true", help="also time a whole 10-epoch run")
+    p.add_argument("--prior-samples", type=nonnegative_int, default=0, metavar="N",
+                   help="also time drawing N digits from the committed prior")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     device = resolve_device(args.device)
@@ -89,6 +115,10 @@ def main():
     result["speedup"] = seed_ms / fast_ms
     if args.full_run:
         result["full_run_s"] = time_full_run(args)
+    if args.prior_samples:
+        seconds, sampler = time_prior_samples(args.prior_samples, device)
+        result["prior_samples"] = {"n": args.prior_samples, "s": seconds, "sampler": sampler,
+                                   "threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps(result))
         return
@@ -101,6 +131,10 @@ def main():
     print(f"speed-up of the fast path: {result['speedup']:.2f}x")
     if args.full_run:
         print(f"whole default run (10 epochs + per-epoch evaluation): {result['full_run_s']:.1f} s")
+    if args.prior_samples:
+        report = result["prior_samples"]
+        print(f"{report['n']} prior samples, drawn and decoded ({report['sampler']}, "
+              f"{report['threads']} threads): {report['s']:.1f} s")
 
 
 if __name__ == "__main__":

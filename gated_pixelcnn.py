@@ -77,12 +77,12 @@ class GatedMaskedConv2d(nn.Module):
         out_h = self.horizontal_out(self.dropout(out))
         return out_h if self.first else out_h + x_h
 
-    def horizontal_position(self, h_vertical, x_h, bias):
+    def horizontal_position(self, vertical_term, x_h):
         """One output position from the inputs its kernel sees, channels last (the sampler's inner
-        loop): h_vertical (B, 2C) at the position, x_h (B, `horizontal.kernel_size[1]`, C) ending
-        at the position (the one before it, first layer), bias (B, 2C) -> out_h (B, C)."""
-        h_horizontal = pointwise(self.horizontal, x_h.flatten(1))
-        out = self.gate(pointwise(self.vertical_to_horizontal, h_vertical) + h_horizontal + bias)
+        loop): vertical_term (B, 2C), the position's `vertical_to_horizontal(h_vertical) + bias`,
+        computed once per row; x_h (B, `horizontal.kernel_size[1]`, C) ending at the position (the
+        one before it, first layer) -> out_h (B, C)."""
+        out = self.gate(vertical_term + pointwise(self.horizontal, x_h.flatten(1)))
         out_h = pointwise(self.horizontal_out, self.dropout(out))
         return out_h if self.first else out_h + x_h[:, -1]
 
@@ -156,19 +156,19 @@ class GatedPixelCNN(nn.Module):
         codes = torch.zeros(B, H, W, dtype=torch.long, device=labels.device)
         all_logits = []
         for i in range(H):
-            h_vertical = []
+            vertical_terms = []
             for l, (layer, bias) in enumerate(zip(self.layers, biases)):
                 rows = v_in[l][:, i:i + layer.vertical.kernel_size[0]]
                 h_row, out_v = layer.vertical_row(rows, bias)            # (N, W, 2C), (N, W, C)
-                h_vertical.append(h_row)
+                vertical_terms.append(pointwise(layer.vertical_to_horizontal, h_row) + bias[:, None])
                 if l + 1 < len(self.layers):
                     half = halves[l + 1]
                     v_in[l + 1][:, half + i, half:half + W] = out_v
             h_in = [v_in[0].new_zeros(N, half + W, dim) for half in halves]
             for j in range(W):
-                for l, (layer, bias) in enumerate(zip(self.layers, biases)):
+                for l, layer in enumerate(self.layers):
                     x_h = h_in[l][:, j:j + layer.horizontal.kernel_size[1]]
-                    out_h = layer.horizontal_position(h_vertical[l][:, j], x_h, bias)  # (N, C)
+                    out_h = layer.horizontal_position(vertical_terms[l][:, j], x_h)   # (N, C)
                     if l + 1 < len(self.layers):
                         h_in[l + 1][:, halves[l + 1] + j] = out_h
                 head = self.output   # ReLU, 1x1 conv, ReLU, 1x1 conv

@@ -75,12 +75,11 @@ def script_checks(device, data, full_run):
              **json.loads(out))),
         ("sample_quality.py, 1,000 samples",
          [*script["sample_quality.py"], "--model", os.path.join(PRETRAINED, "vqvae_mnist.pt"),
-          "--prior-model", os.path.join(PRETRAINED, "prior_mnist.pt"), "--classifier",
-          os.path.join(PRETRAINED, "classifier.pt"), "--num-samples", "1000", "--temperatures",
-          "1.0", "--json"], prior_quality),
-        ("benchmark.py" + " --full-run" * full_run,
+          "--prior-model", os.path.join(PRETRAINED, "prior_mnist.pt"), "--num-samples", "1000",
+          "--json"], prior_quality),
+        ("benchmark.py --prior-samples 10000" + " --full-run" * full_run,
          [*script["benchmark.py"], "--num-workers", str(max(os.cpu_count() - 1, 0)), "--json",
-          *["--full-run"] * full_run], benchmark_figures),
+          "--prior-samples", "10000", *["--full-run"] * full_run], benchmark_figures),
     ]
 
 
@@ -95,9 +94,10 @@ def last_line(out):
 
 
 def prior_quality(out):
-    prior = next(row for row in json.loads(out) if row["source"].startswith("Gated"))
-    return (f"prior at T 1.0: agreement {100 * prior['agreement']:.1f}%, Frechet "
-            f"{prior['frechet_distance']:.2f}")
+    prior = next(row for row in json.loads(out) if row["source"].startswith("prior, guidance"))
+    return f"{prior['source']}: " + "; ".join(
+        f"{judge} agreement {100 * figures['agreement']:.1f}%, Frechet "
+        f"{figures['frechet_distance']:.2f}" for judge, figures in prior["judges"].items())
 
 
 def benchmark_figures(out):
@@ -105,6 +105,7 @@ def benchmark_figures(out):
     rows = "; ".join(f"{row['pipeline'].split(' (')[0]} {row['ms_per_step']:.2f} ms/step "
                      f"({row['images_per_s']:.0f} images/s)" for row in report["rows"])
     full = f"; whole default run {report['full_run_s']:.1f} s" if "full_run_s" in report else ""
+    full += f"; 10,000 prior samples {report['prior_samples']['s']:.1f} s"
     return rows + full
 
 

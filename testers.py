@@ -1285,12 +1285,13 @@ def test_torchrun_stop_reaches_every_rank_and_default_codebook_stays_in_step(tmp
 def test_benchmark_reports_both_pipelines(tmp_path, data_folder):
     import json
     result = run("benchmark.py", "--data-folder", data_folder, "--steps", "2", "--warmup", "1",
-                 "--num-workers", "0", "--json", cwd=tmp_path)
+                 "--num-workers", "0", "--prior-samples", "20", "--json", cwd=tmp_path)
     report = json.loads(result.stdout)
     assert [row["pipeline"].split()[0] for row in report["rows"]] == ["seed-style", "fast"]
     for row in report["rows"]:  # figures are printed, never asserted on
         assert row["ms_per_step"] > 0 and row["images_per_s"] > 0 and row["s_per_epoch"] > 0
     assert report["speedup"] > 0
+    assert report["prior_samples"]["n"] == 20 and report["prior_samples"]["s"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs every script for minutes on a GPU")
