@@ -148,42 +148,55 @@ class GatedPixelCNN(nn.Module):
                 raise ValueError("guidance needs a prior trained with label dropout")
             labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
         biases = self.class_embedding(labels).chunk(len(self.layers), dim=1)     # (N, 2C) each
-        N, dim, halves = len(labels), self.embedding.embedding_dim, [l.half for l in self.layers]
-        # Every layer's inputs, channels last, with zeros where its kernel overhangs the map: the
-        # vertical input (N, half + H, half + W + half, C) and, for the current row, the
-        # horizontal input (N, half + W, C).
-        v_in = [self.embedding.weight.new_zeros(N, half + H, half + W + half, dim) for half in halves]
+        N, C, first = len(labels), self.embedding.embedding_dim, self.layers[0].half
+        # Every layer's vertical input, channels last, with zeros where its kernel overhangs the
+        # map: (N, half + H, half + W + half, C).
+        v_in = [self.embedding.weight.new_zeros(N, l.half + H, l.half + W + l.half, C)
+                for l in self.layers]
         codes = torch.zeros(B, H, W, dtype=torch.long, device=labels.device)
         all_logits = []
         for i in range(H):
-            vertical_terms = []
-            for l, (layer, bias) in enumerate(zip(self.layers, biases)):
-                rows = v_in[l][:, i:i + layer.vertical.kernel_size[0]]
-                h_row, out_v = layer.vertical_row(rows, bias)            # (N, W, 2C), (N, W, C)
-                vertical_terms.append(pointwise(layer.vertical_to_horizontal, h_row) + bias[:, None])
-                if l + 1 < len(self.layers):
-                    half = halves[l + 1]
-                    v_in[l + 1][:, half + i, half:half + W] = out_v
-            h_in = [v_in[0].new_zeros(N, half + W, dim) for half in halves]
+            vertical_terms = self._vertical_row(v_in, biases, i)
+            h_in = [v_in[0].new_zeros(N, l.half + W, C) for l in self.layers]   # this row's
             for j in range(W):
-                for l, layer in enumerate(self.layers):
-                    x_h = h_in[l][:, j:j + layer.horizontal.kernel_size[1]]
-                    out_h = layer.horizontal_position(vertical_terms[l][:, j], x_h)   # (N, C)
-                    if l + 1 < len(self.layers):
-                        h_in[l + 1][:, halves[l + 1] + j] = out_h
-                head = self.output   # ReLU, 1x1 conv, ReLU, 1x1 conv
-                logits = pointwise(head[3], F.relu(pointwise(head[1], F.relu(out_h)))).float()
+                logits = self._logits_at(h_in, vertical_terms, j)              # (N, K)
                 if guided:
                     conditional, unconditional = logits.chunk(2)
                     logits = unconditional + guidance_scale * (conditional - unconditional)
                 all_logits.append(logits)                                    # (B, K)
                 codes[:, i, j] = draw(filter_logits(logits / temperature, top_k, top_p))
                 embedded = self.embedding(codes[:, i, j]).repeat(2 if guided else 1, 1)
-                h_in[0][:, halves[0] + j] = embedded
-                v_in[0][:, halves[0] + i, halves[0] + j] = embedded
+                h_in[0][:, first + j] = embedded
+                v_in[0][:, first + i, first + j] = embedded
         if return_logits:
             return codes, torch.stack(all_logits, 2).view(B, self.K, H, W)
         return codes
+
+    def _vertical_row(self, v_in, biases, i):
+        """The vertical stacks at row i from the cached rows above it; writes each layer's out_v
+        into the next layer's input v_in[l + 1] and -> per layer the row's share of the
+        horizontal gate, vertical_to_horizontal(h_vertical) + bias (N, W, 2C)."""
+        terms = []
+        for l, (layer, bias) in enumerate(zip(self.layers, biases)):
+            h_row, out_v = layer.vertical_row(v_in[l][:, i:i + layer.vertical.kernel_size[0]],
+                                              bias)                     # (N, W, 2C), (N, W, C)
+            terms.append(pointwise(layer.vertical_to_horizontal, h_row) + bias[:, None])
+            if l + 1 < len(self.layers):
+                half = self.layers[l + 1].half
+                v_in[l + 1][:, half + i, half:half + out_v.size(1)] = out_v
+        return terms
+
+    def _logits_at(self, h_in, vertical_terms, j):
+        """The horizontal stacks at column j of the current row, from its cached columns (h_in:
+        per layer (N, half + W, C), zeros on the left); writes each layer's out_h into the next
+        layer's input -> logits (N, K) float32."""
+        for l, layer in enumerate(self.layers):
+            out_h = layer.horizontal_position(vertical_terms[l][:, j],
+                                              h_in[l][:, j:j + layer.horizontal.kernel_size[1]])
+            if l + 1 < len(self.layers):
+                h_in[l + 1][:, self.layers[l + 1].half + j] = out_h
+        head = self.output   # ReLU, 1x1 conv, ReLU, 1x1 conv
+        return pointwise(head[3], F.relu(pointwise(head[1], F.relu(out_h)))).float()
 
 
 def draw(logits):
