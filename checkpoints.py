@@ -7,8 +7,7 @@ import pickle
 import torch
 
 from cli import fail
-from gated_pixelcnn import GatedPixelCNN
-from modules import CLASSIFIERS, vqvae_from_config
+from modules import CLASSIFIERS, prior_from_config, vqvae_from_config
 
 
 CHECKPOINT_KINDS = {"vqvae": "VQ-VAE.py", "prior": "pixelcnn_prior.py", "classifier": "classifier.py"}
@@ -133,14 +132,14 @@ def with_seed_codebook_buffers(state_dict):
 
 
 def load_prior(path, device, K):
-    """A prior checkpoint of pixelcnn_prior.py, in eval mode; it must model codes of K entries."""
+    """A prior checkpoint of pixelcnn_prior.py (either --arch), in eval mode; it must model codes
+    of K entries."""
     checkpoint = load_checkpoint(path, "prior", "--prior-model")
     config = checkpoint["config"]
     if config["k"] != K:
         fail(f"--prior-model {path} was built for a codebook of K={config['k']}, but the VQ-VAE "
              f"has K={K}")
-    prior = GatedPixelCNN(config["k"], config["hidden_size"], config["num_layers"],
-                          unconditional=config.get("label_dropout", 0) > 0)
+    prior = prior_from_config(config)
     load_state(prior, checkpoint["state_dict"], "--prior-model", path)
     return prior.to(device).eval()
 

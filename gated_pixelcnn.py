@@ -8,9 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# generate.py's default --guidance-scale, measured in README ("The prior"): the scale at which the
-# committed prior's samples at temperature 1.0 are judged best.
-DEFAULT_GUIDANCE_SCALE = 1.0
+from sampling import next_codes, with_null_half
 
 
 class GatedMaskedConv2d(nn.Module):
@@ -137,16 +135,11 @@ class GatedPixelCNN(nn.Module):
 
         Each layer's inputs are cached as they are produced, so every position costs one pass of
         each layer over the few inputs its kernel sees, like a transformer's key/value cache.
-        guidance_scale s != 1 mixes conditional and unconditional logits, u + s (c - u) (Ho and
-        Salimans 2022, "Classifier-Free Diffusion Guidance", eq. 6, on logits): the null-label
-        half runs in the same batch. Then temperature, then top-k / nucleus (top-p) filtering.
-        With return_logits, also the guided logits (B, K, H, W) each code was drawn from."""
+        Guidance, temperature, top-k and top-p: `sampling.next_codes`; when guiding, the null-label
+        half of the batch runs alongside. With return_logits, also the guided logits
+        (B, K, H, W) each code was drawn from."""
         B, (H, W) = len(labels), shape
-        guided = guidance_scale != 1.0
-        if guided:
-            if self.null_label is None:
-                raise ValueError("guidance needs a prior trained with label dropout")
-            labels = torch.cat([labels, torch.full_like(labels, self.null_label)])
+        labels = with_null_half(self, labels, guidance_scale)
         biases = self.class_embedding(labels).chunk(len(self.layers), dim=1)     # (N, 2C) each
         N, C, first = len(labels), self.embedding.embedding_dim, self.layers[0].half
         # Every layer's vertical input, channels last, with zeros where its kernel overhangs the
@@ -159,13 +152,10 @@ class GatedPixelCNN(nn.Module):
             vertical_terms = self._vertical_row(v_in, biases, i)
             h_in = [v_in[0].new_zeros(N, l.half + W, C) for l in self.layers]   # this row's
             for j in range(W):
-                logits = self._logits_at(h_in, vertical_terms, j)              # (N, K)
-                if guided:
-                    conditional, unconditional = logits.chunk(2)
-                    logits = unconditional + guidance_scale * (conditional - unconditional)
+                logits, codes[:, i, j] = next_codes(self._logits_at(h_in, vertical_terms, j),
+                                                    guidance_scale, temperature, top_k, top_p)
                 all_logits.append(logits)                                    # (B, K)
-                codes[:, i, j] = draw(filter_logits(logits / temperature, top_k, top_p))
-                embedded = self.embedding(codes[:, i, j]).repeat(2 if guided else 1, 1)
+                embedded = self.embedding(codes[:, i, j]).repeat(N // B, 1)
                 h_in[0][:, first + j] = embedded
                 v_in[0][:, first + i, first + j] = embedded
         if return_logits:
@@ -197,26 +187,3 @@ class GatedPixelCNN(nn.Module):
                 h_in[l + 1][:, self.layers[l + 1].half + j] = out_h
         head = self.output   # ReLU, 1x1 conv, ReLU, 1x1 conv
         return pointwise(head[3], F.relu(pointwise(head[1], F.relu(out_h)))).float()
-
-
-def draw(logits):
-    """One index per row of logits (B, K) with probability softmax(logits), by inverting the
-    cumulative distribution: (B,) int64. (torch.multinomial is slower here; right=True never
-    lands on a code of probability 0.)"""
-    cumulative = logits.softmax(1).cumsum(1)
-    u = torch.rand(len(logits), 1, device=logits.device) * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, u, right=True).clamp_(max=logits.size(1) - 1).squeeze(1)
-
-
-def filter_logits(logits, top_k=None, top_p=1.0):
-    """logits (B, K) -> the same with all but the top_k largest, and all outside the smallest set
-    whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020), set to -inf."""
-    if top_k is not None and top_k < logits.size(1):
-        kth_largest = logits.topk(top_k, dim=1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = logits.sort(dim=1, descending=True)
-        probs = ordered.softmax(1)
-        outside = probs.cumsum(1) - probs >= top_p    # the mass before this code already reaches p
-        logits = logits.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
-    return logits

@@ -8,7 +8,7 @@
 
 --input MNIST reconstructs the first 100 test images; --input random passes Gaussian noise images
 (mean 0.5, std 0.5) through the autoencoder, as the seed repo did; --input prior samples code maps
-from the Gated PixelCNN prior, row i of the grid holding digit i (or all --digit), and decodes them
+from the prior, row i of the grid holding digit i (or all --digit), and decodes them
 (classifier-free guidance, temperature, top-k and nucleus filtering: `add_sampler_flags`). The grid goes to
 generatedImages/<filename>.png. With --num-samples N --samples-out FILE.pt, N prior samples (digit
 n % 10 for sample n, or --digit) are also written as a uint8 tensor (N, 1, 28, 28).
@@ -21,7 +21,7 @@ from torchvision.utils import save_image
 from checkpoints import load_prior, load_vqvae, save_checkpoint
 from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_float, nonnegative_int,
                  positive_float, positive_int, resolve_device, unit_float, vqvae_sizes)
-from gated_pixelcnn import DEFAULT_GUIDANCE_SCALE
+from sampling import DEFAULT_GUIDANCE_SCALE
 from data import MNISTSplit, to_uint8
 from runs import make_output_dirs
 
@@ -59,7 +59,7 @@ def add_sampler_flags(parser, temperature=True):
 
 
 def sampler_options(args, prior, prior_path):
-    """The sampler flags -> keyword arguments of GatedPixelCNN.sample (temperature aside)."""
+    """The sampler flags -> keyword arguments of the prior's `sample` (temperature aside)."""
     scale = args.guidance_scale
     if scale is None:
         scale = DEFAULT_GUIDANCE_SCALE if prior.null_label is not None else 1.0
@@ -70,7 +70,7 @@ def sampler_options(args, prior, prior_path):
 
 
 def sample_prior(prior, vqvae, labels, batch_size=1000, **sampler):
-    """labels (N,) -> decoded images (N, 1, 28, 28) in [-1, 1]; `sampler`: GatedPixelCNN.sample's
+    """labels (N,) -> decoded images (N, 1, 28, 28) in [-1, 1]; `sampler`: the prior's `sample`'s
     options."""
     return torch.cat([vqvae.decode(prior.sample(y, **sampler)) for y in labels.split(batch_size)])
 

@@ -1,17 +1,20 @@
-"""The networks: the VQ-VAE (encoder, codebook, decoder) and the judge classifier.
+"""The networks: the VQ-VAE (encoder, codebook, decoder), the judge classifiers, and the builder of
+either prior from its config (`prior_from_config`).
 
 Model shapes (B images, D = --hidden-size, K = --k):
     x (B, 1, 28, 28) in [-1, 1] -> encoder -> z_e_x (B, D, 7, 7) -> codebook -> indices (B, 7, 7)
     -> z_q_x (B, D, 7, 7) -> decoder -> x_tilde (B, 1, 28, 28) in [-1, 1]
 
 The codebook itself (lookup, straight-through gradient, EMA update, restarts) is in
-vector_quantizer.py; the prior over codes in gated_pixelcnn.py.
+vector_quantizer.py; the priors over codes in gated_pixelcnn.py and code_transformer.py.
 """
 
 
 import torch
 import torch.nn as nn
 
+from code_transformer import CodeTransformer
+from gated_pixelcnn import GatedPixelCNN
 from vector_quantizer import VQEmbedding
 
 
@@ -173,3 +176,18 @@ class MNISTMLPClassifier(nn.Module):
 
 
 CLASSIFIERS = {"cnn": MNISTClassifier, "mlp": MNISTMLPClassifier}
+
+
+PRIORS = ("gated_pixelcnn", "transformer")
+
+
+def prior_from_config(config):
+    """Build the prior a pixelcnn_prior.py config describes (a Gated PixelCNN where it names no
+    arch, as the first priors did)."""
+    unconditional = config.get("label_dropout", 0) > 0
+    if config.get("arch", "gated_pixelcnn") == "transformer":
+        return CodeTransformer(config["k"], config["hidden_size"], config["num_layers"],
+                               config["heads"], dropout=config["dropout"],
+                               unconditional=unconditional)
+    return GatedPixelCNN(config["k"], config["hidden_size"], config["num_layers"],
+                         dropout=config.get("dropout", 0.0), unconditional=unconditional)

@@ -1,6 +1,9 @@
-"""Train a class-conditional Gated PixelCNN prior over the 7x7 code maps of a trained VQ-VAE.
+"""Train a class-conditional prior over the 7x7 code maps of a trained VQ-VAE: a Gated PixelCNN
+(gated_pixelcnn.py) or a small causal transformer (--arch transformer, code_transformer.py).
 
     python pixelcnn_prior.py --vqvae-model models/pretrained/vqvae_mnist.pt --output-folder prior
+    python pixelcnn_prior.py --vqvae-model models/pretrained/vqvae_mnist.pt --arch transformer \\
+        --num-layers 4 --hidden-size 192 --lr 5e-4 --output-folder prior_transformer
     python generate.py --model models/pretrained/vqvae_mnist.pt --input prior \\
         --prior-model models/prior/best.pt --filename prior_samples
 
@@ -21,12 +24,12 @@ from checkpoints import load_optimizer_state, load_state, load_vqvae
 from cli import (ArgumentParser, add_vqvae_size_flags, fail, fraction, nonnegative_int,
                  positive_float, positive_int, resolve_device, vqvae_sizes)
 from data import MNISTSplit
-from gated_pixelcnn import GatedPixelCNN
+from modules import PRIORS, prior_from_config
 from runs import TrainingRun, parse_run_args, rng_state, seed_everything, set_rng_state
 from training import LR_SCHEDULES, make_optimizer, make_scheduler
 
 TRAIN_SCALARS = ("loss/train/nll_nats_per_map", "loss/train/bits_per_code")
-LOCKED_ON_RESUME = ("num_layers", "hidden_size", "batch_size", "lr", "lr_schedule", "seed",
+LOCKED_ON_RESUME = ("arch", "heads", "num_layers", "hidden_size", "batch_size", "lr", "lr_schedule", "seed",
                     "train_subset", "dropout", "label_dropout", "ema_decay")
 
 
@@ -58,7 +61,7 @@ def update_ema(ema_prior, prior, decay, step):
 
 
 def build_parser():
-    p = ArgumentParser(prog="pixelcnn_prior.py", description="Train a Gated PixelCNN code prior.")
+    p = ArgumentParser(prog="pixelcnn_prior.py", description="Train a prior over code maps.")
     p.add_argument("--vqvae-model", help="VQ-VAE checkpoint whose codes are modelled (required; "
                    "on --resume, the run's)")
     p.add_argument("--data-folder", default="data")
@@ -68,8 +71,11 @@ def build_parser():
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="cosine decays the learning rate to 0 over the run")
+    p.add_argument("--arch", choices=PRIORS, default="gated_pixelcnn")
     p.add_argument("--num-layers", type=positive_int, default=12)
-    p.add_argument("--hidden-size", type=positive_int, default=64)
+    p.add_argument("--hidden-size", type=positive_int, default=64, help="channels; the transformer's "
+                   "width (a multiple of --heads)")
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads (transformer)")
     p.add_argument("--dropout", type=fraction, default=0.1,
                    help="dropout on every layer's gated outputs")
     p.add_argument("--label-dropout", type=fraction, default=0.1,
@@ -95,6 +101,9 @@ def parse_args(argv=None):
     args, checkpoint = parse_run_args(build_parser(), "prior", LOCKED_ON_RESUME, argv)
     if not args.vqvae_model:
         fail("--vqvae-model is required: the VQ-VAE checkpoint whose codes the prior models")
+    if args.arch == "transformer" and args.hidden_size % args.heads:
+        fail(f"--hidden-size {args.hidden_size}: the transformer's width must be a multiple of "
+             f"--heads {args.heads}")
     return args, checkpoint
 
 
@@ -108,8 +117,7 @@ def main(args, checkpoint=None):
         vqvae, MNISTSplit(args.data_folder, False, device, limit=args.test_subset))
     K = vqvae.codeBook.K
     config = {**{k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}, "k": K}
-    prior = GatedPixelCNN(K, args.hidden_size, args.num_layers, dropout=args.dropout,
-                          unconditional=args.label_dropout > 0).to(device)
+    prior = prior_from_config(config).to(device)
     # The weights that are evaluated, saved and sampled: the average, or the weights themselves.
     ema_prior = copy.deepcopy(prior).requires_grad_(False).eval() if args.ema_decay else prior
     optimizer = make_optimizer(prior, args.lr, device)

@@ -1,0 +1,54 @@
+"""How the priors turn logits into codes: classifier-free guidance, temperature, top-k and nucleus
+filtering, and the draw. Shared by both priors' samplers (gated_pixelcnn.py, code_transformer.py).
+"""
+import torch
+
+# generate.py's default --guidance-scale, measured in README ("The prior"): the scale at which the
+# committed prior's samples at temperature 1.0 are judged best.
+DEFAULT_GUIDANCE_SCALE = 1.0
+
+
+def with_null_half(prior, labels, guidance_scale):
+    """labels (B,) -> (N,): the same, followed when guiding by B null labels ("no digit"), so that
+    one batch runs both the conditional and the unconditional prior."""
+    if guidance_scale == 1.0:
+        return labels
+    if prior.null_label is None:
+        raise ValueError("guidance needs a prior trained with label dropout")
+    return torch.cat([labels, torch.full_like(labels, prior.null_label)])
+
+
+def next_codes(logits, guidance_scale=1.0, temperature=1.0, top_k=None, top_p=1.0):
+    """logits (N, K) float32 for one position, the null-label half after the conditional one when
+    guiding -> (the guided logits (B, K), the codes drawn from them (B,)).
+
+    Guidance mixes conditional c and unconditional u logits as u + s (c - u) (Ho and Salimans
+    2022, "Classifier-Free Diffusion Guidance", eq. 6, applied to logits); then temperature, then
+    top-k / nucleus filtering."""
+    if guidance_scale != 1.0:
+        conditional, unconditional = logits.chunk(2)
+        logits = unconditional + guidance_scale * (conditional - unconditional)
+    return logits, draw(filter_logits(logits / temperature, top_k, top_p))
+
+
+def draw(logits):
+    """One index per row of logits (B, K) with probability softmax(logits), by inverting the
+    cumulative distribution: (B,) int64. (torch.multinomial is slower here; right=True never
+    lands on a code of probability 0.)"""
+    cumulative = logits.softmax(1).cumsum(1)
+    u = torch.rand(len(logits), 1, device=logits.device) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, u, right=True).clamp_(max=logits.size(1) - 1).squeeze(1)
+
+
+def filter_logits(logits, top_k=None, top_p=1.0):
+    """logits (B, K) -> the same with all but the top_k largest, and all outside the smallest set
+    whose probability reaches top_p (nucleus sampling, Holtzman et al. 2020), set to -inf."""
+    if top_k is not None and top_k < logits.size(1):
+        kth_largest = logits.topk(top_k, dim=1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=1, descending=True)
+        probs = ordered.softmax(1)
+        outside = probs.cumsum(1) - probs >= top_p    # the mass before this code already reaches p
+        logits = logits.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
+    return logits
