@@ -29,8 +29,10 @@ from runs import TrainingRun, parse_run_args, rng_state, seed_everything, set_rn
 from training import LR_SCHEDULES, make_optimizer, make_scheduler
 
 TRAIN_SCALARS = ("loss/train/nll_nats_per_map", "loss/train/bits_per_code")
-LOCKED_ON_RESUME = ("arch", "heads", "num_layers", "hidden_size", "batch_size", "lr", "lr_schedule", "seed",
-                    "train_subset", "dropout", "label_dropout", "ema_decay")
+LOCKED_ON_RESUME = ("arch", "heads", "num_layers", "hidden_size", "batch_size", "lr",
+                    "lr_schedule", "seed", "train_subset", "dropout", "label_dropout", "ema_decay")
+# A run started before these flags existed trained without them: resumed, it goes on so.
+BEFORE_FLAGS = {"arch": "gated_pixelcnn", "dropout": 0.0, "label_dropout": 0.0, "ema_decay": 0.0}
 
 
 @torch.no_grad()
@@ -77,7 +79,8 @@ def build_parser():
                    "width (a multiple of --heads)")
     p.add_argument("--heads", type=positive_int, default=4, help="attention heads (transformer)")
     p.add_argument("--dropout", type=fraction, default=0.1,
-                   help="dropout on every layer's gated outputs")
+                   help="dropout in every layer (Gated PixelCNN: on its gated outputs; transformer: "
+                        "on attention weights, attention and MLP outputs)")
     p.add_argument("--label-dropout", type=fraction, default=0.1,
                    help="fraction of training maps shown with the null label instead of their "
                         "digit, so the prior is also unconditional (generate.py --guidance-scale); "
@@ -99,6 +102,9 @@ def build_parser():
 def parse_args(argv=None):
     """On --resume, flags not typed (--vqvae-model too) take the run's values."""
     args, checkpoint = parse_run_args(build_parser(), "prior", LOCKED_ON_RESUME, argv)
+    for key, value in BEFORE_FLAGS.items():
+        if checkpoint and key not in checkpoint["config"]:
+            setattr(args, key, value)
     if not args.vqvae_model:
         fail("--vqvae-model is required: the VQ-VAE checkpoint whose codes the prior models")
     if args.arch == "transformer" and args.hidden_size % args.heads:

@@ -50,7 +50,7 @@ def in_batches(fn, tensor, batch_size=1000):
     return torch.cat([fn(chunk) for chunk in tensor.split(batch_size)])
 
 
-def parse_args():
+def build_parser():
     p = ArgumentParser(prog="sample_quality.py", description="Judge generated digits.")
     p.add_argument("--model", required=True, help="VQ-VAE checkpoint")
     p.add_argument("--prior-model", required=True)
@@ -67,7 +67,7 @@ def parse_args():
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--json", action="store_true")
     add_vqvae_size_flags(p)
-    return p.parse_args()
+    return p
 
 
 def baseline_sources(vqvae, train, n, device):
@@ -113,7 +113,7 @@ def judge_sources(classifier, sources, test_images):
 
 
 def main():
-    args = parse_args()
+    args = build_parser().parse_args()
     warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)

@@ -963,6 +963,26 @@ def test_prior_resume_is_bit_identical(trained_prior, tmp_path, data_folder):
     assert_same_weights(cwd / "models" / "prior" / "last.pt", tmp_path / "models" / "prior" / "last.pt")
 
 
+def test_prior_run_from_before_the_new_flags_resumes_without_them(trained_prior, tmp_path):
+    """A last.pt written before --dropout/--label-dropout/--ema-decay/--arch existed resumes as
+    the run it was: a Gated PixelCNN with ten class rows, no dropout, no average."""
+    import pixelcnn_prior
+    from checkpoints import load_state
+    from modules import prior_from_config
+    cwd, _ = trained_prior
+    checkpoint = torch.load(cwd / "models" / "prior" / "last.pt", weights_only=True)
+    for key in pixelcnn_prior.BEFORE_FLAGS:
+        del checkpoint["config"][key]
+    state_dict = checkpoint.pop("training_state_dict")
+    state_dict["class_embedding.weight"] = state_dict["class_embedding.weight"][:10]
+    checkpoint["state_dict"] = state_dict
+    save_checkpoint(str(tmp_path / "old.pt"), checkpoint)
+    args, resumed = pixelcnn_prior.parse_args(["--resume", str(tmp_path / "old.pt")])
+    assert (args.arch, args.dropout, args.label_dropout, args.ema_decay) == \
+        ("gated_pixelcnn", 0.0, 0.0, 0.0)
+    load_state(prior_from_config({**vars(args), "k": 32}), resumed["state_dict"], "--resume", "old.pt")
+
+
 def test_generate_from_prior(trained_prior):
     cwd, _ = trained_prior
     run("generate.py", "--model", "models/tiny/best.pt", "--input", "prior", "--prior-model",
