@@ -11,7 +11,6 @@ Each is warmed up, then timed over --steps training steps including fetching the
 --prior-samples N times generate.py's default sampler drawing and decoding N digits from the
 committed VQ-VAE and prior (models/pretrained).
 """
-import argparse
 import json
 import os
 import subprocess
@@ -72,8 +71,7 @@ def time_prior_samples(n, device):
     vqvae, _ = load_vqvae(os.path.join(pretrained, "vqvae_mnist.pt"), device)
     path = os.path.join(pretrained, "prior_mnist.pt")
     prior = load_prior(path, device, vqvae.codeBook.K)
-    defaults = argparse.Namespace(guidance_scale=None, top_k=None, top_p=1.0)
-    sampler = {"temperature": 1.0, **sampler_options(defaults, prior, path)}
+    sampler = {"temperature": 1.0, **sampler_options(prior, path)}
     labels = torch.arange(n, device=device) % 10
     with torch.no_grad():
         sample_prior(prior, vqvae, labels[:10], **sampler)   # warm-up

@@ -58,15 +58,15 @@ def add_sampler_flags(parser, temperature=True):
                         help="nucleus sampling: among the most likely codes holding this mass")
 
 
-def sampler_options(args, prior, prior_path):
-    """The sampler flags -> keyword arguments of the prior's `sample` (temperature aside)."""
-    scale = args.guidance_scale
+def sampler_options(prior, prior_path, scale=None, top_k=None, top_p=1.0):
+    """The sampler flags (--guidance-scale None: the default for this prior) -> keyword arguments
+    of the prior's `sample` (temperature aside)."""
     if scale is None:
         scale = DEFAULT_GUIDANCE_SCALE if prior.null_label is not None else 1.0
     elif scale != 1.0 and prior.null_label is None:
         fail(f"--guidance-scale {scale}: --prior-model {prior_path} was trained without "
              "--label-dropout, so it has no unconditional half to guide with (use 1)")
-    return {"guidance_scale": scale, "top_k": args.top_k, "top_p": args.top_p}
+    return {"guidance_scale": scale, "top_k": top_k, "top_p": top_p}
 
 
 def sample_prior(prior, vqvae, labels, batch_size=1000, **sampler):
@@ -89,8 +89,8 @@ def main():
     torch.manual_seed(args.seed)
     model, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, model.codeBook.K) if args.input == "prior" else None
-    sampler = {"temperature": args.temperature, **sampler_options(args, prior, args.prior_model)} \
-        if prior else None
+    sampler = {"temperature": args.temperature, **sampler_options(
+        prior, args.prior_model, args.guidance_scale, args.top_k, args.top_p)} if prior else None
 
     def digits(n):
         labels = torch.arange(n, device=device) % 10 if args.digit is None else \

@@ -129,8 +129,7 @@ def main():
     with torch.no_grad():
         sources = baseline_sources(vqvae, train, n, device)
         for scale in args.guidance_scales:
-            args.guidance_scale = scale
-            sampler = sampler_options(args, prior, args.prior_model)
+            sampler = sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p)
             for t in args.temperatures:
                 name = f"prior, guidance {sampler['guidance_scale']:g}, temperature {t:g}" + \
                     (f", top-k {args.top_k}" if args.top_k else "") + \
