@@ -70,11 +70,10 @@ def build_parser():
     return p
 
 
-def baseline_sources(vqvae, train, n, device):
+def baseline_sources(vqvae, train, held_out, device):
     """Images any prior should beat, and the decoder's own ceiling -> {name: (uint8 images
-    (n, 1, 28, 28), requested labels or None)}."""
-    K = vqvae.codeBook.K
-    held_out = slice(TRAIN_IMAGES, TRAIN_IMAGES + n)
+    (n, 1, 28, 28), requested labels or None)}, n the length of the held_out slice."""
+    K, n = vqvae.codeBook.K, held_out.stop - held_out.start
     histogram = count_codes(in_batches(vqvae.encode, normalize(train.images[:n])), K)
     return {
         "seed `--input random` (noise through the VQ-VAE)": (to_uint8(in_batches(
@@ -127,7 +126,7 @@ def main():
     held_out = slice(TRAIN_IMAGES, TRAIN_IMAGES + n)
     labels = torch.arange(n, device=device) % 10
     with torch.no_grad():
-        sources = baseline_sources(vqvae, train, n, device)
+        sources = baseline_sources(vqvae, train, held_out, device)
         for scale in args.guidance_scales:
             sampler = sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p)
             for t in args.temperatures:
