@@ -62,10 +62,9 @@ class GatedMaskedConv2d(nn.Module):
         """One output row from the input rows its kernel sees, channels last, zero padded above and
         on both sides (the sampler's row loop): x_v (B, rows, half + W + half, C), bias (B, 2C) ->
         h_vertical (B, W, 2C), out_v (B, W, C)."""
-        B, rows, _, C = x_v.shape
-        windows = x_v.unfold(2, self.vertical.kernel_size[1], 1)          # (B, rows, W, C, kw)
-        patches = windows.permute(0, 2, 1, 4, 3).flatten(2)               # (B, W, rows * kw * C)
-        h_vertical = pointwise(self.vertical, patches)
+        # Channels-last memory seen as (B, C, rows, half + W + half): no copy into patches
+        h_vertical = F.conv2d(x_v.permute(0, 3, 1, 2), self.vertical.weight, self.vertical.bias)
+        h_vertical = h_vertical.permute(0, 2, 3, 1).flatten(1, 2)         # (B, 1, W, 2C) -> (B, W, 2C)
         return h_vertical, self.dropout(self.gate(h_vertical + bias[:, None], dim=-1))
 
     def horizontal_step(self, h_vertical, x_h, bias):

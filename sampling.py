@@ -5,7 +5,7 @@ import torch
 
 # generate.py's default --guidance-scale, measured in README ("The prior"): the scale at which the
 # committed prior's samples at temperature 1.0 are judged best.
-DEFAULT_GUIDANCE_SCALE = 1.5
+DEFAULT_GUIDANCE_SCALE = 1.4
 
 
 def with_null_half(prior, labels, guidance_scale):
