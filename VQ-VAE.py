@@ -17,7 +17,6 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from checkpoints import load_optimizer_state, load_state
@@ -118,6 +117,7 @@ def setup_distributed(device):
 
 
 def image_grid(images):
+    from torchvision.utils import make_grid   # here: torchvision's import costs seconds
     return make_grid(images.float().cpu(), nrow=8, value_range=(-1, 1), normalize=True)
 
 

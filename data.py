@@ -6,7 +6,6 @@ import hashlib
 import os
 
 import torch
-from torchvision import datasets, transforms
 
 from cli import fail
 
@@ -62,6 +61,7 @@ def prepare_mnist(data_folder):
         if missing and os.path.exists(os.path.join(SHIPPED_MNIST, "SHA256SUMS")):
             _extract_shipped_mnist(raw)
         elif missing:
+            from torchvision import datasets   # here: importing torchvision costs seconds
             datasets.MNIST(data_folder, train=True, download=True)
             datasets.MNIST(data_folder, train=False, download=True)
     except OSError as e:
@@ -73,6 +73,12 @@ def prepare_mnist(data_folder):
         if os.path.getsize(path) != size:
             fail(f"dataset file {path} is truncated or corrupt ({os.path.getsize(path)} bytes, "
                  f"expected {size}); delete it and rerun to extract it again")
+
+
+def read_idx(path, header_bytes):
+    """An IDX file (sizes checked by prepare_mnist) -> its payload as a flat uint8 tensor."""
+    with open(path, "rb") as f:
+        return torch.frombuffer(bytearray(f.read()[header_bytes:]), dtype=torch.uint8)
 
 
 def normalize(images_uint8):
@@ -94,13 +100,20 @@ class MNISTSplit:
 
     def __init__(self, data_folder, train, device, pipeline="device", num_workers=0, limit=None):
         prepare_mnist(data_folder)
-        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
-        self.dataset = datasets.MNIST(data_folder, train=train, download=False, transform=transform)
-        self.size = len(self.dataset) if limit is None else min(limit, len(self.dataset))
+        raw = os.path.join(data_folder, "MNIST", "raw", "train" if train else "t10k")
+        labels = read_idx(f"{raw}-labels-idx1-ubyte", 8).long()                 # (N,)
+        self.size = len(labels) if limit is None else min(limit, len(labels))
         self.device, self.pipeline, self.num_workers = torch.device(device), pipeline, num_workers
         if pipeline == "device":
-            self.images = self.dataset.data[:self.size].to(self.device)          # (N, 28, 28) uint8
-            self.labels = self.dataset.targets[:self.size].to(self.device)
+            images = read_idx(f"{raw}-images-idx3-ubyte", 16).view(-1, 28, 28)  # (N, 28, 28) uint8
+            self.images = images[:self.size].to(self.device)
+            self.labels = labels[:self.size].to(self.device)
+        else:  # imported here: torchvision costs seconds at start-up, and only this path needs it
+            from torchvision import datasets, transforms
+            transform = transforms.Compose([transforms.ToTensor(),
+                                            transforms.Normalize([0.5], [0.5])])
+            self.dataset = datasets.MNIST(data_folder, train=train, download=False,
+                                          transform=transform)
 
     def __len__(self):
         return self.size

@@ -16,7 +16,6 @@ n % 10 for sample n, or --digit) are also written as a uint8 tensor (N, 1, 28, 2
 import os
 
 import torch
-from torchvision.utils import save_image
 
 from checkpoints import load_prior, load_vqvae, save_checkpoint
 from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_float, nonnegative_int,
@@ -110,6 +109,7 @@ def main():
             samples = to_uint8(sample_prior(prior, model, digits(args.num_samples), **sampler)).cpu()
     make_output_dirs("generatedImages")
     path = os.path.join("generatedImages", f"{args.filename}.png")
+    from torchvision.utils import save_image   # here: torchvision's import costs seconds
     save_image(generated.cpu(), path, nrow=10, normalize=True, value_range=(-1, 1))
     print(f"wrote {path}")
     if args.num_samples:

@@ -17,7 +17,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from checkpoints import load_optimizer_state, load_state, load_vqvae
@@ -194,6 +193,7 @@ def main(args, checkpoint=None):
                               test_nll(prior, test_codes, test_labels) / math.log(2), epoch + 1)
         samples = vqvae.decode(ema_prior.eval().sample(digits))
         prior.train()
+        from torchvision.utils import make_grid   # here: torchvision's import costs seconds
         writer.add_image("samples", make_grid(samples.cpu(), nrow=8, value_range=(-1, 1),
                                               normalize=True), epoch + 1)
         writer.flush()
