@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoints import load_optimizer_state, load_state
 from cli import (ArgumentParser, decay_float, fail, nonnegative_float, nonnegative_int,
                  positive_float, positive_int, resolve_device)
-from data import MNISTSplit
+from data import MNISTSplit, image_grid
 from modules import DEFAULT_CONFIG, vqvae_from_config
 from runs import (TrainingRun, end_distributed, parse_run_args, rng_state, seed_everything,
                   set_rng_state)
@@ -114,11 +114,6 @@ def setup_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
-
-
-def image_grid(images):
-    from torchvision.utils import make_grid   # here: torchvision's import costs seconds
-    return make_grid(images.float().cpu(), nrow=8, value_range=(-1, 1), normalize=True)
 
 
 def main(args, checkpoint=None):

@@ -87,6 +87,12 @@ def normalize(images_uint8):
     return images_uint8.unsqueeze(1).float().div(255).sub(0.5).div(0.5)
 
 
+def image_grid(images):
+    """images (B, 1, 28, 28) in [-1, 1] -> one (3, H, W) grid of 8 per row, for TensorBoard."""
+    from torchvision.utils import make_grid   # here: importing torchvision costs seconds
+    return make_grid(images.float().cpu(), nrow=8, value_range=(-1, 1), normalize=True)
+
+
 def to_uint8(images):
     """images in [-1, 1] -> uint8 pixels in [0, 255]."""
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from checkpoints import load_optimizer_state, load_state, load_vqvae
 from cli import (ArgumentParser, add_vqvae_size_flags, fail, fraction, nonnegative_int,
                  positive_float, positive_int, resolve_device, vqvae_sizes)
-from data import MNISTSplit
+from data import MNISTSplit, image_grid
 from modules import PRIORS, prior_from_config
 from runs import TrainingRun, parse_run_args, rng_state, seed_everything, set_rng_state
 from training import LR_SCHEDULES, make_optimizer, make_scheduler
@@ -193,9 +193,7 @@ def main(args, checkpoint=None):
                               test_nll(prior, test_codes, test_labels) / math.log(2), epoch + 1)
         samples = vqvae.decode(ema_prior.eval().sample(digits))
         prior.train()
-        from torchvision.utils import make_grid   # here: torchvision's import costs seconds
-        writer.add_image("samples", make_grid(samples.cpu(), nrow=8, value_range=(-1, 1),
-                                              normalize=True), epoch + 1)
+        writer.add_image("samples", image_grid(samples), epoch + 1)
         writer.flush()
         metrics = {"test_nll_nats_per_map": 49 * nats, "test_bits_per_map": 49 * nats / math.log(2)}
         if nats < best:  # chosen by test NLL, never by a judge of the samples
