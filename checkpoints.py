@@ -7,6 +7,7 @@ import pickle
 import torch
 
 from cli import fail
+from files import atomic_write
 from modules import CLASSIFIERS, prior_from_config, vqvae_from_config
 
 
@@ -14,18 +15,10 @@ CHECKPOINT_KINDS = {"vqvae": "VQ-VAE.py", "prior": "pixelcnn_prior.py", "classif
 
 
 def save_checkpoint(path, checkpoint):
-    """Write atomically: a temp file in the same folder, flushed to disk, then renamed over `path`.
-    A crash or a full disk mid-write leaves the previous file at `path` untouched."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write atomically (`atomic_write`): a crash or a full disk mid-write leaves the previous file
+    at `path` untouched, and a reader never sees half a checkpoint."""
+    with atomic_write(path) as f:
+        torch.save(checkpoint, f)
 
 
 def load_checkpoint(path, kind, flag="--model"):

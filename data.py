@@ -4,10 +4,12 @@ the training device, or the seed's torchvision DataLoader) that give the same ba
 import gzip
 import hashlib
 import os
+import shutil
 
 import torch
 
 from cli import fail
+from files import atomic_write
 
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -32,38 +34,46 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _extract_shipped_mnist(raw):
-    """Verify the shipped .gz files against MNIST/SHA256SUMS and decompress them into `raw`."""
+def _extract_shipped_mnist(raw, missing):
+    """Verify the shipped .gz files against MNIST/SHA256SUMS and decompress the `missing` ones into
+    `raw`. Any number of processes may do this at once: each writes its own temp file and renames
+    it into place (`atomic_write`), so whichever finishes last leaves the same bytes."""
     with open(os.path.join(SHIPPED_MNIST, "SHA256SUMS")) as f:
         expected = dict(reversed(line.split()) for line in f if line.strip())
     os.makedirs(raw, exist_ok=True)
-    for name in MNIST_FILES:
+    for name in missing:
         source = os.path.join(SHIPPED_MNIST, name + ".gz")
         if _sha256(source) != expected.get(name + ".gz"):
             fail(f"shipped dataset file {source} does not match MNIST/SHA256SUMS; "
                  f"restore it with `git checkout -- MNIST/`")
-        target = os.path.join(raw, name)
-        if os.path.exists(target):
-            continue
-        with gzip.open(source, "rb") as src, open(target + ".part", "wb") as dst:
-            dst.write(src.read())
-        os.replace(target + ".part", target)
+        with gzip.open(source, "rb") as src, atomic_write(os.path.join(raw, name)) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _download_mnist(data_folder, raw):
+    """torchvision's download, one process at a time (it writes fixed file names): the others wait
+    for the lock, then find the files there."""
+    from filelock import FileLock
+    from torchvision import datasets   # here: importing torchvision costs seconds
+    os.makedirs(raw, exist_ok=True)
+    with FileLock(os.path.join(raw, ".download.lock")):
+        datasets.MNIST(data_folder, train=True, download=True)
+        datasets.MNIST(data_folder, train=False, download=True)
 
 
 def prepare_mnist(data_folder):
     """Make sure `data_folder/MNIST/raw/` holds the four decompressed IDX files: use them if present,
-    else extract the shipped copy, else let torchvision download. Bad files: one line and exit 2."""
+    else extract the shipped copy, else let torchvision download. Safe for many processes preparing
+    one folder at once. Bad files: one line and exit 2."""
     if os.path.exists(data_folder) and not os.path.isdir(data_folder):
         fail(f"--data-folder {data_folder} is a file; expected a folder (it will hold MNIST/raw/)")
     raw = os.path.join(data_folder, "MNIST", "raw")
     missing = [n for n in MNIST_FILES if not os.path.exists(os.path.join(raw, n))]
     try:
         if missing and os.path.exists(os.path.join(SHIPPED_MNIST, "SHA256SUMS")):
-            _extract_shipped_mnist(raw)
+            _extract_shipped_mnist(raw, missing)
         elif missing:
-            from torchvision import datasets   # here: importing torchvision costs seconds
-            datasets.MNIST(data_folder, train=True, download=True)
-            datasets.MNIST(data_folder, train=False, download=True)
+            _download_mnist(data_folder, raw)
     except OSError as e:
         fail(f"cannot prepare MNIST in --data-folder {data_folder}: {e}")
     for name, size in MNIST_FILES.items():

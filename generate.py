@@ -22,7 +22,7 @@ from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_float, 
                  positive_float, positive_int, resolve_device, unit_float, vqvae_sizes)
 from sampling import DEFAULT_GUIDANCE_SCALE
 from data import MNISTSplit, to_uint8
-from runs import make_output_dirs
+from files import atomic_write, make_output_dirs
 
 
 def build_parser():
@@ -110,7 +110,8 @@ def main():
     make_output_dirs("generatedImages")
     path = os.path.join("generatedImages", f"{args.filename}.png")
     from torchvision.utils import save_image   # here: torchvision's import costs seconds
-    save_image(generated.cpu(), path, nrow=10, normalize=True, value_range=(-1, 1))
+    with atomic_write(path) as f:  # another process may be writing the same grid
+        save_image(generated.cpu(), f, format="png", nrow=10, normalize=True, value_range=(-1, 1))
     print(f"wrote {path}")
     if args.num_samples:
         save_checkpoint(args.samples_out, samples)

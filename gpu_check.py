@@ -32,8 +32,9 @@ SHORT = ["--num-epochs", "1", "--max-steps", "300", "--test-subset", "2000", "--
          "--num-workers", "0"]
 
 
-def script_checks(device, data, full_run):
-    """(name, command, what to read from its output) for every script."""
+def script_checks(device, data, full_run, gpus):
+    """(name, command, what to read from its output) for every script; `gpus`: how many this
+    machine has (the two-process torchrun check needs two, or runs on the CPU with gloo)."""
     vqvae = [sys.executable, os.path.join(REPO, "VQ-VAE.py"), "--device", device,
              "--data-folder", data]
     script = {name: [sys.executable, os.path.join(REPO, name), "--device", device,
@@ -46,6 +47,8 @@ def script_checks(device, data, full_run):
                "--seed", "0", "--num-workers", "0"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                 *vqvae[1:]]
+    torchrun_2 = [*torchrun[:4], "--nproc_per_node=2", *torchrun[5:]]
+    two_ranks = "torchrun, 2 processes " + ("(gloo)" if device == "cpu" else "(NCCL, SyncBatchNorm)")
     prior = ["--prior-model", "models/prior/best.pt"]
     return [
         ("VQ-VAE.py, eager", [*vqvae, "--output-folder", "eager", *SHORT], epoch_line),
@@ -57,6 +60,9 @@ def script_checks(device, data, full_run):
         ("VQ-VAE.py --resume of a CPU checkpoint",
          [*vqvae, "--resume", "models/moved/last.pt", "--num-epochs", "2"], epoch_line, cpu_run),
         ("torchrun, 1 process", [*torchrun, "--output-folder", "torchrun", *SHORT], epoch_line),
+        (two_ranks, [*torchrun_2, "--output-folder", "torchrun_2", *SHORT], ranks_agree)
+        if device == "cpu" or gpus >= 2 else
+        (two_ranks, None, f"needs two GPUs, this machine has {gpus}: not checked"),
         ("pixelcnn_prior.py", [*script["pixelcnn_prior.py"], "--vqvae-model", "models/eager/best.pt",
                                "--num-epochs", "1", "--train-subset", "5000", "--test-subset",
                                "1000", "--output-folder", "prior"], last_line),
@@ -87,6 +93,13 @@ def epoch_line(out):
     lines = [line for line in out.splitlines() if line.startswith("epoch")]
     precision = re.search(r"seed \d+, (\w+)", out)
     return f"{precision.group(1) if precision else '?'}; {lines[-1]}"
+
+
+def ranks_agree(out):
+    checksums = [line.split()[-1] for line in out.splitlines() if "parameter checksum" in line]
+    if len(checksums) != 2 or checksums[0] != checksums[1]:
+        raise ValueError(f"the ranks' parameter checksums differ: {checksums}")
+    return f"{epoch_line(out)}; both ranks end at parameter checksum {checksums[0]}"
 
 
 def last_line(out):
@@ -162,8 +175,12 @@ def main():
     data = os.path.join(work, "data")
     prepare_mnist(data)
     rows = []
+    gpus = torch.cuda.device_count() if cuda else 0
     for name, command, read, *before in script_checks(str(device), data,
-                                                      cuda and not args.no_full_run):
+                                                      cuda and not args.no_full_run, gpus):
+        if command is None:  # a check this machine cannot run: `read` says why
+            rows.append({"check": name, "ok": None, "seconds": 0.0, "detail": read})
+            continue
         ok, seconds, out, err = True, 0.0, "", ""
         for step in [*before, command]:
             ok, step_seconds, out, err = run_script(step, work, args.timeout)
@@ -173,7 +190,7 @@ def main():
         try:
             detail = read(out) if ok else (err.strip().splitlines() or ["no output"])[-1]
         except (ValueError, KeyError, IndexError, StopIteration) as e:
-            ok, detail = False, f"unexpected output ({type(e).__name__}): {out.strip()[-200:]}"
+            ok, detail = False, f"unexpected output ({type(e).__name__}: {e}): {out.strip()[-200:]}"
         rows.append({"check": name, "ok": ok, "seconds": round(seconds, 1), "detail": detail})
     if cuda:
         amp_dtype, scaler = make_precision(device, True)
@@ -197,12 +214,14 @@ def report_and_exit(rows, device, work, keep):
     print(f"\n{gpu or 'CPU'}  compute capability {capability}  torch {torch.__version__}")
     print("| check | result | seconds | figures or error |\n| --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['check']} | {'ok' if row['ok'] else 'FAILED'} | {row['seconds']} | "
-              f"{row['detail']} |")
-    failed = sum(not row["ok"] for row in rows)
+        result = {True: "ok", False: "FAILED", None: "not run"}[row["ok"]]
+        print(f"| {row['check']} | {result} | {row['seconds']} | {row['detail']} |")
+    failed = sum(row["ok"] is False for row in rows)
+    passed = sum(row["ok"] is True for row in rows)
     print(json.dumps({"gpu_check": {"device": str(device), "gpu": gpu, "capability": capability,
-                                    "torch": torch.__version__, "passed": len(rows) - failed,
-                                    "failed": failed, "checks": rows}}))
+                                    "torch": torch.__version__, "passed": passed,
+                                    "failed": failed, "not_run": len(rows) - passed - failed,
+                                    "checks": rows}}))
     if keep:
         print(f"scratch folder: {work}")
     else:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from checkpoints import load_resume_checkpoint, save_checkpoint
 from cli import fail
+from files import claim_folder, make_output_dirs
 
 
 def check_run_name(name, resume, overwrite):
@@ -32,17 +33,24 @@ def check_run_name(name, resume, overwrite):
 
 
 def prepare_run_folders(name, resume, overwrite, rank=0):
-    """logs/<name> and models/<name>, created by rank 0 once `check_run_name` (in `parse_run_args`)
-    has passed; --overwrite deletes the earlier run's checkpoints and event files first."""
+    """logs/<name> and models/<name>, created and claimed by rank 0 (`claim_folder`: one run at a
+    time writes there, so two runs started at once under one name cannot both pass the check
+    below and overwrite each other); `check_run_name` runs again under the claim. --overwrite then
+    deletes the earlier run's checkpoints and event files. -> (log_dir, model_dir, the claim)."""
     log_dir, model_dir = os.path.join("logs", name), os.path.join("models", name)
     if rank != 0:
-        return log_dir, model_dir
+        return log_dir, model_dir, None
     make_output_dirs(log_dir, model_dir)
+    claim = claim_folder(model_dir)
+    if claim is None:
+        fail(f"--output-folder {name}: another run is writing to {model_dir}/ right now; wait for "
+             f"it to end or choose another name")
+    check_run_name(name, resume, overwrite)
     if overwrite and not resume:
         for path in glob.glob(os.path.join(model_dir, "*.pt")) + \
                 glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
             os.remove(path)
-    return log_dir, model_dir
+    return log_dir, model_dir, claim
 
 
 def parse_run_args(parser, kind, locked, argv=None):
@@ -146,18 +154,6 @@ def seed_everything(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def make_output_dirs(*paths):
-    """Create output folders, or stop with one line naming the one that cannot be written."""
-    for path in paths:
-        try:
-            os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, f".write-test-{os.getpid()}")
-            open(probe, "wb").close()
-            os.remove(probe)
-        except OSError as e:
-            fail(f"cannot write output folder {path}: {e.strerror or e}")
-
-
 class TrainingRun:
     """The bookkeeping of one training run, shared by VQ-VAE.py, pixelcnn_prior.py and classifier.py.
 
@@ -173,7 +169,8 @@ class TrainingRun:
                  device="cpu"):
         self.script, self.log_every = script, log_every
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.log_dir, self.model_dir = prepare_run_folders(name, resume, overwrite, rank)
+        self.log_dir, self.model_dir, self.claim = prepare_run_folders(name, resume, overwrite,
+                                                                        rank)
         self.signals, self.pending = [], []
         signal.signal(signal.SIGINT, self._request_stop)
         signal.signal(signal.SIGTERM, self._request_stop)

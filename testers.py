@@ -417,6 +417,53 @@ def test_training_rejects_damaged_dataset(tmp_path, data_folder, damage, monkeyp
         assert exit_info.value.code == 2
 
 
+def prepare_at_barrier(barrier, folder):
+    import data
+    barrier.wait()
+    data.prepare_mnist(folder)
+
+
+def test_many_processes_prepare_one_fresh_data_folder_at_once(tmp_path):
+    """8 processes released together prepare one fresh --data-folder, three times over: every one
+    succeeds, and the folder holds exactly the four files, byte for byte the decompressed shipped
+    files that MNIST/SHA256SUMS vouches for (prepare_mnist checks the .gz against it)."""
+    import gzip
+    import hashlib
+    import multiprocessing
+    import data
+    decompressed = {name: hashlib.sha256(gzip.open(os.path.join(data.SHIPPED_MNIST, name + ".gz"))
+                                         .read()).hexdigest() for name in data.MNIST_FILES}
+    context = multiprocessing.get_context("fork")  # starts at once: no new interpreter to import
+    for attempt in range(3):
+        folder = tmp_path / f"data{attempt}"
+        barrier = context.Barrier(8)
+        processes = [context.Process(target=prepare_at_barrier, args=(barrier, str(folder)))
+                     for _ in range(8)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=120)
+        assert [process.exitcode for process in processes] == [0] * 8, attempt
+        raw = folder / "MNIST" / "raw"
+        assert sorted(os.listdir(raw)) == sorted(data.MNIST_FILES), attempt
+        for name, digest in decompressed.items():
+            assert hashlib.sha256((raw / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_two_runs_of_one_name_cannot_both_write(tmp_path, monkeypatch, capsys):
+    """Two runs started at once under one --output-folder both pass the early check (no
+    checkpoint yet); the claim on models/<name> lets the first in and stops the second in one line."""
+    from runs import prepare_run_folders
+    monkeypatch.chdir(tmp_path)
+    _, model_dir, claim = prepare_run_folders("same", None, False)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_run_folders("same", None, False)
+    assert exit_info.value.code == 2
+    assert "another run is writing to models/same/" in capsys.readouterr().err
+    claim.release()  # the first run ended: the name is free again
+    prepare_run_folders("same", None, False)
+
+
 @pytest.mark.parametrize("case", ["input", "missing", "not_checkpoint", "other_sizes", "filename",
                                   "empty_filename", "empty_file"])
 def test_generate_rejects_bad_input(trained_run, tmp_path, case):
@@ -1258,22 +1305,26 @@ def test_optimizer_kernels_follow_the_device():
 
 
 # -------------------------------------------------------------------------------------------- DDP
-def test_torchrun_ddp_on_cpu_matches_single_process(tmp_path, data_folder):
-    flags = ["--data-folder", data_folder, "--num-epochs", "1", "--max-steps", "8",
+def test_torchrun_ddp_on_cpu_matches_single_process(tmp_path):
+    """torchrun with 2 processes and a single-process run started at the same moment on one fresh
+    --data-folder (three processes extract MNIST into it at once), then compared."""
+    flags = ["--data-folder", "fresh", "--num-epochs", "1", "--max-steps", "8",
              "--codebook-init", "uniform", "--dead-code-threshold", "0", *TINY,
              # The EMA codebook dominates the comparison below; at decay 0.9 the per-rank
              # BatchNorm differences reach it 10x faster than at the 0.99 the bound was set for.
              "--ema-decay", "0.99"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", os.path.join(REPO, "VQ-VAE.py"),
-                             "--output-folder", "ddp", *flags], cwd=tmp_path, capture_output=True,
-                            text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    checksums = sorted(line for line in result.stdout.splitlines() if "parameter checksum" in line)
+    processes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for command in (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(REPO, "VQ-VAE.py"), "--output-folder", "ddp", *flags],
+        [sys.executable, os.path.join(REPO, "VQ-VAE.py"), "--output-folder", "single", *flags])]
+    (ddp_out, ddp_err), (_, single_err) = [process.communicate(timeout=600) for process in processes]
+    assert processes[0].returncode == 0, ddp_err[-3000:]
+    assert processes[1].returncode == 0, single_err[-3000:]
+    checksums = sorted(line for line in ddp_out.splitlines() if "parameter checksum" in line)
     assert len(checksums) == 2  # one per rank, and the replicas ended identical:
     assert checksums[0].split()[-1] == checksums[1].split()[-1], checksums
-    run("VQ-VAE.py", "--output-folder", "single", *flags, cwd=tmp_path)
     ddp = torch.load(tmp_path / "models/ddp/last.pt", weights_only=True)
     single = torch.load(tmp_path / "models/single/last.pt", weights_only=True)
     assert ddp["step"] == single["step"] == 8
@@ -1301,13 +1352,21 @@ def rank_process(cwd, rank):
     raise AssertionError(f"no rank {rank} process in {cwd}")
 
 
-def test_torchrun_stop_reaches_every_rank_and_default_codebook_stays_in_step(tmp_path, data_folder):
-    """Default flags (k-means init, dead-code restart: rank 0's broadcasts). SIGTERM to rank 1
-    alone: both ranks stop at the same step, rank 0 writes last.pt, both leave the process group;
-    the resumed run ends with identical parameters on both ranks."""
+def catches_signal(pid, signum):
+    """Whether process `pid` has a handler for `signum` (Linux /proc: the SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
+def test_torchrun_stop_reaches_every_rank_and_default_codebook_stays_in_step(tmp_path):
+    """Default flags (k-means init, dead-code restart: rank 0's broadcasts), from a fresh
+    --data-folder that both ranks prepare at once. SIGTERM to rank 1 alone: both ranks stop at the
+    same step, rank 0 writes last.pt, both leave the process group; the resumed run ends with
+    identical parameters on both ranks."""
     import signal
     import time
-    flags = ["--data-folder", data_folder, "--num-epochs", "2", *TINY, "--train-subset", "4096",
+    flags = ["--data-folder", "fresh", "--num-epochs", "2", *TINY, "--train-subset", "4096",
              "--log-every", "2"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 os.path.join(REPO, "VQ-VAE.py")]
@@ -1315,8 +1374,11 @@ def test_torchrun_stop_reaches_every_rank_and_default_codebook_stays_in_step(tmp
     process = subprocess.Popen([*torchrun, "--output-folder", "ddp", *flags], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert process.stdout.readline().startswith("training")
-    time.sleep(1)
-    os.kill(rank_process(tmp_path, 1), signal.SIGTERM)
+    rank_1 = rank_process(tmp_path, 1)
+    deadline = time.time() + 60
+    while not catches_signal(rank_1, signal.SIGTERM) and time.time() < deadline:
+        time.sleep(0.05)  # until rank 1's TrainingRun has its handler: SIGTERM then stops, not kills
+    os.kill(rank_1, signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     stops = sorted(line for line in stderr.splitlines() if "stopped by signal 15" in line)
     assert [line.split()[1] for line in stops] == ["0", "1"], stderr[-3000:]
@@ -1325,7 +1387,7 @@ def test_torchrun_stop_reaches_every_rank_and_default_codebook_stays_in_step(tmp
     cut = torch.load(tmp_path / "models" / "ddp" / "last.pt", weights_only=True)
     assert cut["step"] == step and 0 < step < 128
     result = subprocess.run([*torchrun, "--resume", "models/ddp/last.pt", "--data-folder",
-                             data_folder], cwd=tmp_path, capture_output=True, text=True, env=env,
+                             "fresh"], cwd=tmp_path, capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     checksums = sorted(line for line in result.stdout.splitlines() if "parameter checksum" in line)
@@ -1356,49 +1418,105 @@ def test_gpu_check_says_there_is_no_gpu_and_exits_0(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_notebook_runs_headless_and_makes_its_files(tmp_path, monkeypatch):
+def test_gpu_check_runs_torchrun_with_two_processes_or_says_it_needs_two_gpus():
+    import importlib
+    gpu_check = importlib.import_module("gpu_check")
+    for device, gpus in (("cuda", 2), ("cuda", 1), ("cpu", 0)):
+        rows = {name: rest for name, *rest in gpu_check.script_checks(device, "data", False, gpus)}
+        two = next(name for name in rows if name.startswith("torchrun, 2 processes"))
+        command, read = rows[two][:2]
+        if gpus == 1:
+            assert command is None and "needs two GPUs" in read
+        else:
+            assert "--nproc_per_node=2" in command and read is gpu_check.ranks_agree
+    with pytest.raises(ValueError):
+        gpu_check.ranks_agree("rank 0 parameter checksum 1.0\nrank 1 parameter checksum 1.5\n")
+
+
+def test_notebook_runs_headless_resumes_and_makes_its_files(tmp_path, monkeypatch):
     """VQ-VAE.ipynb, every cell, in a fresh kernel, shrunk by VQVAE_NOTEBOOK_SMOKE=1, in a folder
-    that looks like a clone; its TensorBoard server (started by the %tensorboard magic) answers with
-    the run's logs and is then stopped."""
+    that looks like a clone, with no `tensorboard` program on PATH (an unactivated virtual
+    environment) and a scratch folder standing in for Google Drive. TensorBoard starts before the
+    training cell and shows the run while the server lives; after a simulated disconnect (the run's
+    last epoch lost) the training cell resumes instead of overwriting, and ends bit-identically;
+    a failing script's own error line shows in its cell."""
     import json
+    import shutil
     import signal
+    import time
     import urllib.request
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
     from tensorboard import manager
     for name in os.listdir(REPO):
         if name.endswith((".py", ".txt")) or name == "MNIST":
             (tmp_path / name).symlink_to(os.path.join(REPO, name))
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "pretrained").symlink_to(os.path.join(REPO, "models", "pretrained"))
+    drive = tmp_path / "drive"
     monkeypatch.setenv("VQVAE_NOTEBOOK_SMOKE", "1")
+    monkeypatch.setenv("VQVAE_NOTEBOOK_DRIVE", str(drive))
+    monkeypatch.setenv("PATH", os.pathsep.join(
+        folder for folder in os.environ["PATH"].split(os.pathsep)
+        if not os.path.exists(os.path.join(folder, "tensorboard"))))
     servers_before = {info.pid for info in manager.get_all()}
     notebook = nbformat.read(os.path.join(REPO, "VQ-VAE.ipynb"), as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells)  # committed without outputs
+    training_cell = next(i for i, cell in enumerate(notebook.cells)
+                         if 'train("VQ-VAE.py"' in cell.source)
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
-    answers = []
+    server = None
+
+    def runs_shown():
+        with urllib.request.urlopen(f"http://localhost:{server.port}/data/runs", timeout=30) as r:
+            return json.loads(r.read())
+
     with client.setup_kernel():
-        for index, cell in enumerate(notebook.cells):
-            client.execute_cell(cell, index)
-            for info in manager.get_all():  # a server the %tensorboard magic started just now
-                if info.pid not in servers_before:
-                    servers_before.add(info.pid)
-                    with urllib.request.urlopen(f"http://localhost:{info.port}/data/runs",
-                                                timeout=30) as response:
-                        answers.append(json.loads(response.read()))
-                    os.kill(info.pid, signal.SIGTERM)
+        try:
+            for index, cell in enumerate(notebook.cells):
+                if index == training_cell:  # started by the %tensorboard magic, before training
+                    server = next(info for info in manager.get_all()
+                                  if info.pid not in servers_before)
+                    assert runs_shown() == []
+                client.execute_cell(cell, index)
+            deadline = time.time() + 60  # the server reads logs/ again every 5 s
+            while "colab" not in runs_shown() and time.time() < deadline:
+                time.sleep(1)
+            assert "colab" in runs_shown()
+            # A disconnect: the machine's disk is gone, Drive holds the run up to epoch 1.
+            kept = drive / "models" / "colab"
+            first = torch.load(kept / "model_2.pt", weights_only=True)
+            epoch_1 = (kept / "model_1.pt").read_bytes()
+            shutil.copy(kept / "model_1.pt", kept / "last.pt")
+            (kept / "model_2.pt").unlink()
+            cell = notebook.cells[training_cell]
+            client.execute_cell(cell, training_cell)
+            assert "resuming" in "".join(output.get("text", "") for output in cell.outputs)
+            again = torch.load(kept / "model_2.pt", weights_only=True)
+            assert (kept / "model_1.pt").read_bytes() == epoch_1
+            for key, value in first["state_dict"].items():
+                assert torch.equal(value, again["state_dict"][key]), key
+            failing = nbformat.v4.new_code_cell('sh("generate.py", "--model", "missing.pt")')
+            with pytest.raises(CellExecutionError):
+                client.execute_cell(failing, len(notebook.cells))
+            shown = "".join(output.get("text", "") for output in failing.outputs)
+            assert "error: --model missing.pt: no such file" in shown, shown
+        finally:
+            if server:
+                os.kill(server.pid, signal.SIGTERM)
     errors = [output for cell in notebook.cells for output in cell.get("outputs", [])
               if output.get("output_type") == "error"]
     assert not errors, errors
     shown = "".join(output.get("text", "") for cell in notebook.cells
                     for output in cell.get("outputs", []))
-    assert "epoch 1/1" in shown and "test MSE" in shown  # the scripts' output shows in the notebook
+    assert "epoch 2/2" in shown and "test MSE" in shown  # the scripts' output shows in the notebook
+    assert os.path.realpath(tmp_path / "models" / "colab") == str(drive / "models" / "colab")
     for path in ("models/colab/best.pt", "models/colab_prior/best.pt",
                  "generatedImages/colab_reconstructions.png", "generatedImages/colab_digits.png",
                  "generatedImages/colab_prior_digits.png"):
         assert (tmp_path / path).exists(), path
-    assert answers and "colab" in answers[0], answers  # the server read this run's logs
 
 
 def test_sample_quality_reports_every_source(trained_prior, data_folder):

@@ -1,0 +1,52 @@
+"""Files that several processes may write at the same moment (torchrun ranks, runs side by side, a
+notebook next to a terminal): each file is written whole under a name private to its writer and then
+renamed into place, so a reader sees the old file or the new one, never half of one; and a run
+folder belongs to one run at a time."""
+
+import contextlib
+import os
+import uuid
+
+from cli import fail
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """`with atomic_write(path) as f:` write to the binary file f; on success it is flushed to disk
+    and renamed over `path` in one step. On any failure `path` keeps its previous content and the
+    private temp file is removed. The temp name is unique per process and per call, so writers of
+    the same path never share one (they race only for which finished file stays)."""
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def claim_folder(folder):
+    """An exclusive lock on `folder`/.run.lock, held while the returned object lives (the OS drops
+    it when the process ends, however it ends) -> the lock, or None when another process holds it."""
+    from filelock import FileLock, Timeout
+    lock = FileLock(os.path.join(folder, ".run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
+
+
+def make_output_dirs(*paths):
+    """Create output folders, or stop with one line naming the one that cannot be written."""
+    for path in paths:
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            open(probe, "wb").close()
+            os.remove(probe)
+        except OSError as e:
+            fail(f"cannot write output folder {path}: {e.strerror or e}")
