@@ -1,11 +1,11 @@
-"""Time the seed-style training pipeline against the fast path, same model, same process.
+"""Time the original-style training pipeline against the fast path, same model, same process.
 
     python benchmark.py                          # CPU, batch 128
     python benchmark.py --device cuda --compile --amp --json
     python benchmark.py --full-run               # also time a whole 10-epoch VQ-VAE.py run
     python benchmark.py --prior-samples 10000    # also time 10,000 digits from the committed prior
 
-(a) seed-style: torchvision Dataset/DataLoader (PIL decode, ToTensor, Normalize, workers), fp32, eager.
+(a) original-style: torchvision Dataset/DataLoader (PIL decode, ToTensor, Normalize, workers), fp32, eager.
 (b) fast path:  the split as uint8 on the device, shuffled there; --amp and --compile when given.
 Each is warmed up, then timed over --steps training steps including fetching the batches.
 --prior-samples N times generate.py's default sampler drawing and decoding N digits from the
@@ -23,8 +23,8 @@ import torch
 from checkpoints import load_prior, load_vqvae
 from cli import ArgumentParser, nonnegative_int, positive_int, resolve_device
 from data import MNISTSplit
-from generate import sample_prior, sampler_options
-from modules import DEFAULT_CONFIG, vqvae_from_config
+from modules import VQVAEConfig, vqvae_from_config
+from sampling import sample_prior, sampler_options
 from training import make_optimizer, make_precision, maybe_compile, train_step
 
 
@@ -37,7 +37,7 @@ def time_pipeline(args, device, pipeline, amp, compile_model):
     """-> milliseconds per training step, data loading included."""
     torch.manual_seed(0)
     split = MNISTSplit(args.data_folder, True, device, pipeline, args.num_workers)
-    model = vqvae_from_config(DEFAULT_CONFIG).to(device)
+    model = vqvae_from_config(VQVAEConfig()).to(device)
     optimizer = make_optimizer(model, 2e-4, device)
     amp_dtype, scaler = make_precision(device, amp)
     if compile_model:
@@ -99,7 +99,7 @@ def main():
     args = p.parse_args()
     device = resolve_device(args.device)
     steps_per_epoch = -(-60000 // args.batch_size)
-    rows = {"seed-style (torchvision, fp32, eager)": time_pipeline(args, device, "torchvision",
+    rows = {"original-style (torchvision, fp32, eager)": time_pipeline(args, device, "torchvision",
                                                                    False, False),
             f"fast path (device{', amp' * args.amp}{', compile' * args.compile})":
                 time_pipeline(args, device, "device", args.amp, args.compile)}

@@ -1,5 +1,12 @@
 """Checkpoint files: written atomically, read with weights_only=True and checked for who wrote them;
-models rebuilt from them (the VQ-VAE, also from the original repo's bare state_dicts, and the prior)."""
+models rebuilt from the config they hold (the VQ-VAE, also from the original repo's bare
+state_dicts, the priors, the judges).
+
+A checkpoint holds "model_config" (the network's config dataclass, as a dict), "run_config" (the
+command line it was trained with, which --resume needs) and "state_dict". Checkpoints written
+before the two were apart hold one "config", the command line: the model is read from its flags.
+"""
+from dataclasses import fields
 
 import os
 import pickle
@@ -8,7 +15,11 @@ import torch
 
 from cli import fail
 from files import atomic_write
-from modules import CLASSIFIERS, prior_from_config, vqvae_from_config
+from code_transformer import CodeTransformerConfig
+from gated_pixelcnn import GatedPixelCNNConfig
+from judges import JudgeConfig, judge_from_config
+from modules import ORIGINAL_CONFIG, VQVAEConfig, original_config_with, vqvae_from_config
+from priors import prior_config, prior_from_config
 
 
 CHECKPOINT_KINDS = {"vqvae": "VQ-VAE.py", "prior": "pixelcnn_prior.py", "classifier": "classifier.py"}
@@ -23,7 +34,7 @@ def save_checkpoint(path, checkpoint):
 
 def load_checkpoint(path, kind, flag="--model"):
     """Load a checkpoint with weights_only=True (no pickled code can run) and check who wrote it.
-    Returns a dict with at least 'state_dict' and 'config' (None for a seed-style bare state_dict).
+    Returns a dict with at least 'state_dict' and 'config' (None for a original-style bare state_dict).
     Every failure is one line naming the flag and file, exit 2."""
     if not os.path.isfile(path):
         fail(f"{flag} {path}: no such file")
@@ -52,7 +63,7 @@ def load_checkpoint(path, kind, flag="--model"):
 
 def load_resume_checkpoint(path, kind):
     """`load_checkpoint` for --resume, which also needs the training state: a weights-only file
-    (a seed-style bare state_dict, the committed models/pretrained/ copies) is refused."""
+    (a original-style bare state_dict, the committed models/pretrained/ copies) is refused."""
     checkpoint = load_checkpoint(path, kind, "--resume")
     if "optimizer" not in checkpoint:
         fail(f"--resume {path}: weights only, without the optimizer state a resume needs; "
@@ -89,48 +100,79 @@ def load_optimizer_state(optimizer, state):
                                                          for group in state["param_groups"]]})
 
 
+def run_settings(checkpoint):
+    """The command line a checkpoint was trained with (what --resume continues)."""
+    return checkpoint.get("run_config", checkpoint.get("config"))
+
+
+def vqvae_config(checkpoint, sizes):
+    """A VQ-VAE checkpoint's VQVAEConfig: its model_config; for files from before model configs,
+    the flags of its command line, the original's value for a flag that did not exist yet; for
+    the original repo's bare state_dicts, the original model at `sizes` (40 / 512 where absent)."""
+    if "model_config" in checkpoint:
+        return VQVAEConfig(**checkpoint["model_config"])
+    flags = checkpoint["config"]
+    if flags is None:
+        return original_config_with(hidden_size=sizes.get("hidden_size", 40), k=sizes.get("k", 512))
+    return VQVAEConfig(**{f.name: flags.get(f.name, getattr(ORIGINAL_CONFIG, f.name))
+                          for f in fields(VQVAEConfig)})
+
+
 def load_vqvae(path, device, flag="--model", sizes=None):
-    """A VQ-VAE from a checkpoint, in eval mode. The checkpoint's config decides the model; `sizes`
-    ({'hidden_size': D, 'k': K}, from flags the user gave) must agree with it, and build the model
-    for a seed-style bare state_dict, which has no config (seed defaults 40 / 512 where absent)."""
+    """A VQ-VAE from a checkpoint, in eval mode -> (model, checkpoint). The checkpoint's config
+    decides the model; `sizes` ({'hidden_size': D, 'k': K}, from flags the user gave) must agree
+    with it, and size the model of a original-style bare state_dict, which has no config."""
     checkpoint = load_checkpoint(path, "vqvae", flag)
     sizes = sizes or {}
-    config = checkpoint["config"] or {"hidden_size": sizes.get("hidden_size", 40),
-                                      "k": sizes.get("k", 512)}
+    config = vqvae_config(checkpoint, sizes)
     for key, value in sizes.items():
-        if value != config[key]:
+        if value != getattr(config, key):
             fail(f"--{key.replace('_', '-')} {value} contradicts {flag} {path}, "
-                 f"which was trained with {config[key]}")
+                 f"which was trained with {getattr(config, key)}")
     model = vqvae_from_config(config)
     state_dict = checkpoint["state_dict"]
-    if checkpoint["config"] is None:
-        state_dict = with_seed_codebook_buffers(state_dict)
+    if "model_config" not in checkpoint and checkpoint["config"] is None:  # the original's file
+        state_dict = with_original_codebook_buffers(state_dict)
     load_state(model, state_dict, flag, path)
     return model.to(device).eval(), checkpoint
 
 
 # The original repo's codebook is a bare nn.Embedding: its files hold none of these buffers.
-SEED_MISSING_BUFFERS = ("codeBook.cluster_size", "codeBook.embed_avg", "codeBook.initialized")
+ORIGINAL_MISSING_BUFFERS = ("codeBook.cluster_size", "codeBook.embed_avg", "codeBook.initialized")
 
 
-def with_seed_codebook_buffers(state_dict):
+def with_original_codebook_buffers(state_dict):
     """A bare state_dict written by the original repo -> the same with the three codebook buffers
     a loss-codebook, already-initialised model has (the original's configuration). Anything else
     that is missing or extra is left for `load_state` to refuse."""
     weight = state_dict.get("codeBook.embedding.weight")
-    if weight is None or any(key in state_dict for key in SEED_MISSING_BUFFERS):
+    if weight is None or any(key in state_dict for key in ORIGINAL_MISSING_BUFFERS):
         return state_dict
     return {**state_dict, "codeBook.cluster_size": torch.ones(len(weight)),
             "codeBook.embed_avg": weight.clone(), "codeBook.initialized": torch.tensor(True)}
+
+
+def prior_config_of(checkpoint):
+    """A prior checkpoint's config dataclass; for files from before model configs, read from the
+    flags of its command line (--hidden-size was the channels, or the transformer's width)."""
+    if "model_config" in checkpoint:
+        return prior_config(checkpoint["model_config"])
+    flags = checkpoint["config"]
+    common = {"k": flags["k"], "num_layers": flags["num_layers"],
+              "dropout": flags.get("dropout", 0.0),
+              "unconditional": flags.get("label_dropout", 0.0) > 0}
+    if flags.get("arch", "gated_pixelcnn") == "transformer":
+        return CodeTransformerConfig(width=flags["hidden_size"], heads=flags["heads"], **common)
+    return GatedPixelCNNConfig(channels=flags["hidden_size"], **common)
 
 
 def load_prior(path, device, K):
     """A prior checkpoint of pixelcnn_prior.py (either --arch), in eval mode; it must model codes
     of K entries."""
     checkpoint = load_checkpoint(path, "prior", "--prior-model")
-    config = checkpoint["config"]
-    if config["k"] != K:
-        fail(f"--prior-model {path} was built for a codebook of K={config['k']}, but the VQ-VAE "
+    config = prior_config_of(checkpoint)
+    if config.k != K:
+        fail(f"--prior-model {path} was built for a codebook of K={config.k}, but the VQ-VAE "
              f"has K={K}")
     prior = prior_from_config(config)
     load_state(prior, checkpoint["state_dict"], "--prior-model", path)
@@ -140,6 +182,7 @@ def load_prior(path, device, K):
 def load_classifier(path, device):
     """A judge classifier of classifier.py (either --arch), in eval mode."""
     checkpoint = load_checkpoint(path, "classifier", "--classifier")
-    classifier = CLASSIFIERS[checkpoint["config"].get("arch", "cnn")]()
+    saved = checkpoint.get("model_config") or {"arch": checkpoint["config"].get("arch", "cnn")}
+    classifier = judge_from_config(JudgeConfig(**saved))
     load_state(classifier, checkpoint["state_dict"], "--classifier", path)
     return classifier.to(device).eval()

@@ -56,7 +56,7 @@ decay_float = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 a
 
 
 def add_vqvae_size_flags(parser, *aliases):
-    """--hidden-size-vae (and `aliases`) and --k: the sizes of a seed-style bare state_dict, which
+    """--hidden-size-vae (and `aliases`) and --k: the sizes of a original-style bare state_dict, which
     has no config; for a checkpoint of this repo they are optional and must agree with it."""
     g = parser.add_argument_group("VQ-VAE sizes (only needed for the original repo's bare state_dicts)")
     g.add_argument(*aliases, "--hidden-size-vae", dest="vqvae_hidden_size", type=positive_int,
@@ -73,7 +73,7 @@ def vqvae_sizes(args):
 
 def resolve_device(name):
     """'cpu', 'cuda', 'cuda:N' -> torch.device. Plain 'cuda' without a GPU falls back to the CPU
-    with a warning (the seed's behaviour); an explicit GPU index that does not exist is an error."""
+    with a warning (the original's behaviour); an explicit GPU index that does not exist is an error."""
     try:
         device = torch.device(name)
     except RuntimeError:

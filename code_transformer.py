@@ -4,11 +4,26 @@ with the digit as a first token, and its key/value-cached sampler (`CodeTransfor
 codes (B, 7, 7) int64 and digit labels (B,) -> logits (B, K, 7, 7), as GatedPixelCNN; trained by
 pixelcnn_prior.py --arch transformer.
 """
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sampling import next_codes, with_null_half
+
+
+@dataclass
+class CodeTransformerConfig:
+    arch: ClassVar[str] = "transformer"
+    k: int = 512               # codes per position (the VQ-VAE's K)
+    width: int = 128           # the model width D, a multiple of heads
+    num_layers: int = 4
+    heads: int = 4
+    num_classes: int = 10
+    dropout: float = 0.1       # attention weights, attention and MLP outputs
+    unconditional: bool = True  # label `num_classes` means "no digit" (for guidance)
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,17 +74,18 @@ class CodeTransformer(nn.Module):
     t predicts code t, so it sees the digit and codes 0 .. t-1. With `unconditional`, label
     `num_classes` (`null_label`) means "no digit" (label dropout, classifier-free guidance)."""
 
-    def __init__(self, K=512, dim=128, num_layers=4, heads=4, num_classes=10, dropout=0.0,
-                 unconditional=False, length=49):
+    def __init__(self, config, length=49):
         super().__init__()
+        K, D = config.k, config.width
         self.K, self.length = K, length
-        self.null_label = num_classes if unconditional else None
-        self.code_embedding = nn.Embedding(K, dim)
-        self.class_embedding = nn.Embedding(num_classes + unconditional, dim)
-        self.position = nn.Parameter(torch.randn(length, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, K)
+        self.null_label = config.num_classes if config.unconditional else None
+        self.code_embedding = nn.Embedding(K, D)
+        self.class_embedding = nn.Embedding(config.num_classes + config.unconditional, D)
+        self.position = nn.Parameter(torch.randn(length, D) * 0.02)
+        self.blocks = nn.ModuleList(Block(D, config.heads, config.dropout)
+                                    for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, K)
 
     def forward(self, codes, labels):
         """codes (B, H, W), labels (B,) -> logits (B, K, H, W)."""
@@ -82,12 +98,12 @@ class CodeTransformer(nn.Module):
         return self.head(self.norm(x)).transpose(1, 2).reshape(B, self.K, H, W)
 
     @torch.no_grad()
-    def sample(self, labels, shape=(7, 7), temperature=1.0, guidance_scale=1.0, top_k=None,
-               top_p=1.0, return_logits=False):
+    def sample(self, labels, temperature=1.0, guidance_scale=1.0, top_k=None, top_p=1.0,
+               return_logits=False):
         """labels (B,) -> codes (B, H, W), one token at a time; each block keeps the keys and
         values of the tokens so far, so a step runs the network on one token. The options are
         GatedPixelCNN.sample's (`sampling.next_codes`)."""
-        B, (H, W) = len(labels), shape
+        B, H, W = len(labels), 7, 7
         labels = with_null_half(self, labels, guidance_scale)
         N, D = len(labels), self.position.size(1)
         heads = self.blocks[0].attention.heads

@@ -1,5 +1,5 @@
 """MNIST: the shipped copy verified and extracted, and the two input pipelines (the whole split on
-the training device, or the seed's torchvision DataLoader) that give the same batches."""
+the training device, or the original's torchvision DataLoader) that give the same batches."""
 
 import gzip
 import hashlib
@@ -24,6 +24,13 @@ MNIST_FILES = {  # decompressed name -> size in bytes (IDX header + payload)
 
 
 SHIPPED_MNIST = os.path.join(REPO_DIR, "MNIST")
+
+
+# The training split in two: the judges and the prior learn from the first 50,000 images and choose
+# their checkpoints on the last 10,000 (--hold-out), so that the test set only reports;
+# sample_quality.py takes its real-image floor from these 10,000 too.
+TRAIN_IMAGES = 60000
+HOLD_OUT = 10000
 
 
 def _sha256(path):
@@ -97,12 +104,6 @@ def normalize(images_uint8):
     return images_uint8.unsqueeze(1).float().div(255).sub(0.5).div(0.5)
 
 
-def image_grid(images):
-    """images (B, 1, 28, 28) in [-1, 1] -> one (3, H, W) grid of 8 per row, for TensorBoard."""
-    from torchvision.utils import make_grid   # here: importing torchvision costs seconds
-    return make_grid(images.float().cpu(), nrow=8, value_range=(-1, 1), normalize=True)
-
-
 def to_uint8(images):
     """images in [-1, 1] -> uint8 pixels in [0, 255]."""
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -111,18 +112,21 @@ def to_uint8(images):
 class MNISTSplit:
     """One MNIST split, served in batches by one of two pipelines:
     'device'       the whole split as a uint8 tensor on the training device, normalised per batch;
-    'torchvision'  the seed's Dataset/DataLoader path (PIL decode, ToTensor, Normalize, workers).
+    'torchvision'  the original's Dataset/DataLoader path (PIL decode, ToTensor, Normalize, workers).
     Both take the same index order, so they yield the same images in the same batches."""
 
-    def __init__(self, data_folder, train, device, pipeline="device", num_workers=0, limit=None):
+    def __init__(self, data_folder, train, device, pipeline="device", num_workers=0, limit=None,
+                 start=0):
+        """The split's images start .. start + limit (default: to its end)."""
         prepare_mnist(data_folder)
         raw = os.path.join(data_folder, "MNIST", "raw", "train" if train else "t10k")
-        labels = read_idx(f"{raw}-labels-idx1-ubyte", 8).long()                 # (N,)
+        labels = read_idx(f"{raw}-labels-idx1-ubyte", 8).long()[start:]         # (N,)
         self.size = len(labels) if limit is None else min(limit, len(labels))
+        self.start = start
         self.device, self.pipeline, self.num_workers = torch.device(device), pipeline, num_workers
         if pipeline == "device":
             images = read_idx(f"{raw}-images-idx3-ubyte", 16).view(-1, 28, 28)  # (N, 28, 28) uint8
-            self.images = images[:self.size].to(self.device)
+            self.images = images[start:start + self.size].to(self.device)
             self.labels = labels[:self.size].to(self.device)
         else:  # imported here: torchvision costs seconds at start-up, and only this path needs it
             from torchvision import datasets, transforms
@@ -150,9 +154,19 @@ class MNISTSplit:
         # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, and the
         # two pipelines would then diverge at the next random draw of training.
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[idx.tolist() for idx in slices],
+            self.dataset, batch_sampler=[(idx + self.start).tolist() for idx in slices],
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             generator=torch.Generator())
         for images, labels in loader:
             yield (images.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
+
+
+def training_slices(data_folder, device, hold_out, train_subset=None):
+    """-> (the first 60,000 - hold_out training images, or the first train_subset of them; the last
+    hold_out, or None for 0): what a trainer learns from, and what chooses its best.pt."""
+    fit = MNISTSplit(data_folder, True, device, limit=min(train_subset or TRAIN_IMAGES,
+                                                          TRAIN_IMAGES - hold_out))
+    held_out = MNISTSplit(data_folder, True, device, start=TRAIN_IMAGES - hold_out) \
+        if hold_out else None
+    return fit, held_out

@@ -2,13 +2,25 @@
 
 codes (B, 7, 7) int64 and digit labels (B,) -> logits (B, K, 7, 7); trained by pixelcnn_prior.py.
 """
-
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sampling import next_codes, with_null_half
+
+
+@dataclass
+class GatedPixelCNNConfig:
+    arch: ClassVar[str] = "gated_pixelcnn"
+    k: int = 512               # codes per position (the VQ-VAE's K)
+    channels: int = 64         # per position, in both stacks
+    num_layers: int = 12
+    num_classes: int = 10
+    dropout: float = 0.1       # on every layer's gated outputs
+    unconditional: bool = True  # label `num_classes` means "no digit" (for guidance)
 
 
 class GatedMaskedConv2d(nn.Module):
@@ -103,18 +115,18 @@ class GatedPixelCNN(nn.Module):
     means "no digit": trained with label dropout, one model is both p(codes | digit) and p(codes),
     which classifier-free guidance needs."""
 
-    def __init__(self, K=512, dim=64, num_layers=12, num_classes=10, dropout=0.0,
-                 unconditional=False):
+    def __init__(self, config):
         super().__init__()
+        K, C, L = config.k, config.channels, config.num_layers
         self.K = K
-        self.null_label = num_classes if unconditional else None
-        self.embedding = nn.Embedding(K, dim)
-        self.class_embedding = nn.Embedding(num_classes + unconditional, 2 * dim * num_layers)
+        self.null_label = config.num_classes if config.unconditional else None
+        self.embedding = nn.Embedding(K, C)
+        self.class_embedding = nn.Embedding(config.num_classes + config.unconditional, 2 * C * L)
         self.layers = nn.ModuleList(
-            GatedMaskedConv2d(dim, 7 if i == 0 else 3, first=i == 0, dropout=dropout)
-            for i in range(num_layers))
-        self.output = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, 4 * dim, 1), nn.ReLU(),
-                                    nn.Conv2d(4 * dim, K, 1))
+            GatedMaskedConv2d(C, 7 if i == 0 else 3, first=i == 0, dropout=config.dropout)
+            for i in range(L))
+        self.output = nn.Sequential(nn.ReLU(), nn.Conv2d(C, 4 * C, 1), nn.ReLU(),
+                                    nn.Conv2d(4 * C, K, 1))
 
     def forward(self, codes, labels):
         return self.output(self.stacks_embedded(self.embedding(codes).permute(0, 3, 1, 2), labels))
@@ -128,8 +140,8 @@ class GatedPixelCNN(nn.Module):
         return x_h
 
     @torch.no_grad()
-    def sample(self, labels, shape=(7, 7), temperature=1.0, guidance_scale=1.0, top_k=None,
-               top_p=1.0, return_logits=False):
+    def sample(self, labels, temperature=1.0, guidance_scale=1.0, top_k=None, top_p=1.0,
+               return_logits=False):
         """labels (B,) -> codes (B, H, W), one position at a time in raster order (in eval mode).
 
         Each layer's inputs are cached as they are produced, so every position costs one pass of
@@ -137,7 +149,7 @@ class GatedPixelCNN(nn.Module):
         Guidance, temperature, top-k and top-p: `sampling.next_codes`; when guiding, the null-label
         half of the batch runs alongside. With return_logits, also the guided logits
         (B, K, H, W) each code was drawn from."""
-        B, (H, W) = len(labels), shape
+        B, H, W = len(labels), 7, 7
         labels = with_null_half(self, labels, guidance_scale)
         biases = self.class_embedding(labels).chunk(len(self.layers), dim=1)     # (N, 2C) each
         N, C, first = len(labels), self.embedding.embedding_dim, self.layers[0].half

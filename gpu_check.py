@@ -22,7 +22,7 @@ import torch
 
 from cli import ArgumentParser, positive_int, resolve_device
 from data import MNISTSplit, prepare_mnist
-from modules import DEFAULT_CONFIG, vqvae_from_config
+from modules import VQVAEConfig, vqvae_from_config
 from training import (GradScaler, code_usage, make_optimizer, make_precision, make_scheduler,
                       train_step)
 
@@ -138,7 +138,7 @@ def steps_without_host_sync(device, data, amp_dtype, scaler, steps=20):
     CUDA's sync debug mode set to raise: any host sync in them fails. -> detail string."""
     torch.manual_seed(0)
     split = MNISTSplit(data, True, device, limit=128 * (steps + 2))
-    model = vqvae_from_config(DEFAULT_CONFIG).to(device)
+    model = vqvae_from_config(VQVAEConfig()).to(device)
     optimizer = make_optimizer(model, 2e-4, device)
     scheduler = make_scheduler(optimizer, "cosine", steps + 2)
     batches = split.batches(128, torch.randperm(len(split)))
@@ -149,8 +149,9 @@ def steps_without_host_sync(device, data, amp_dtype, scaler, steps=20):
             torch.cuda.set_sync_debug_mode("error")
         losses = train_step(model, optimizer, scaler, images, 1.0, False, amp_dtype)
         scheduler.step()
-        _, perplexity, used = code_usage(losses[-1], model.codeBook.K)
-        pending.append(torch.stack([*losses[:4], perplexity, used.float()]))
+        _, perplexity, used = code_usage(losses.indices, model.codeBook.K)
+        pending.append(torch.stack([losses.loss, losses.reconstruction, losses.codebook,
+                                    losses.commitment, perplexity, used.float()]))
     torch.cuda.set_sync_debug_mode("default")
     loss = torch.stack(pending)[-1, 0].item()
     return f"{steps} steps, {str(amp_dtype or torch.float32).split('.')[1]}, loss {loss:.4f}"

@@ -1,20 +1,18 @@
-"""The networks: the VQ-VAE (encoder, codebook, decoder), the judge classifiers, and the builder of
-either prior from its config (`prior_from_config`).
+"""The VQ-VAE's networks (encoder, codebook, decoder) and its config, `VQVAEConfig`.
 
 Model shapes (B images, D = --hidden-size, K = --k):
     x (B, 1, 28, 28) in [-1, 1] -> encoder -> z_e_x (B, D, 7, 7) -> codebook -> indices (B, 7, 7)
     -> z_q_x (B, D, 7, 7) -> decoder -> x_tilde (B, 1, 28, 28) in [-1, 1]
 
 The codebook itself (lookup, straight-through gradient, EMA update, restarts) is in
-vector_quantizer.py; the priors over codes in gated_pixelcnn.py and code_transformer.py.
+vector_quantizer.py; the priors over codes in gated_pixelcnn.py and code_transformer.py, the judges
+of generated digits in judges.py.
 """
-
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
-from code_transformer import CodeTransformer
-from gated_pixelcnn import GatedPixelCNN
 from vector_quantizer import VQEmbedding
 
 
@@ -41,7 +39,7 @@ class ResBlock(nn.Module):
 
 
 class VectorQuantizedVAE(nn.Module):
-    """The seed's network: 28x28 -> 7x7 by two 4x4 stride-2 convs and two residual blocks, mirrored
+    """The original's network: 28x28 -> 7x7 by two 4x4 stride-2 convs and two residual blocks, mirrored
     in the decoder, which ends in Tanh. Codebook options are passed on to `VQEmbedding`."""
 
     def __init__(self, input_dim, dim, K=512, codebook="loss", codebook_init="uniform", decay=0.99,
@@ -73,7 +71,7 @@ class VectorQuantizedVAE(nn.Module):
 
     @torch.no_grad()
     def _rescale_init(self, conv_scale, latent_scale):
-        """Multiply parts of the seed's Xavier init (1, 1: the seed's init). In training mode the
+        """Multiply parts of the original's Xavier init (1, 1: the original's init). In training mode the
         network computes the same function afterwards, up to the factor `latent_scale` on z_e(x)."""
         # A conv followed by BatchNorm is scale-free: BatchNorm divides its scale out. Adam moves
         # every weight by ~lr per step whatever its size, so smaller weights turn faster: for these
@@ -104,90 +102,41 @@ class VectorQuantizedVAE(nn.Module):
         return self.decoder(z_q_x)
 
     def forward(self, x, return_indices=False):
-        """-> (x_tilde, z_e_x, z_q_x) as in the seed, plus indices (B, 7, 7) when asked."""
+        """-> (x_tilde, z_e_x, z_q_x) as in the original, plus indices (B, 7, 7) when asked."""
         z_e_x = self.encoder(x)
         z_q_x_st, z_q_x, indices = self.codeBook.quantize(z_e_x)
         x_tilde = self.decoder(z_q_x_st)
         return (x_tilde, z_e_x, z_q_x, indices) if return_indices else (x_tilde, z_e_x, z_q_x)
 
 
-# The training defaults (VQ-VAE.py's flags), chosen by the ablation in README.md. The seed repo's
-# configuration is {"codebook": "loss", "codebook_init": "uniform", "dead_code_threshold": 0.0,
-# "lr_schedule": "constant", "conv_init_scale": 1.0, "latent_init_scale": 1.0}.
-DEFAULT_CONFIG = {"hidden_size": 40, "k": 512, "codebook": "ema", "codebook_init": "kmeans",
-                  "ema_decay": 0.9, "dead_code_threshold": 6.0, "lr_schedule": "cosine",
-                  "gradient": "straight-through", "conv_init_scale": 0.1, "latent_init_scale": 0.5}
+@dataclass
+class VQVAEConfig:
+    """What a VQ-VAE checkpoint is rebuilt from. The defaults are VQ-VAE.py's (chosen by the ablation
+    in RESULTS.md); `ORIGINAL_CONFIG` is the original repo's model."""
+    hidden_size: int = 40                 # D, the codeword size
+    k: int = 512                          # K, the number of codewords
+    codebook: str = "ema"                 # "loss" (the paper's codebook loss) or "ema"
+    codebook_init: str = "kmeans"         # "uniform" (the original's) or k-means on the first batch
+    ema_decay: float = 0.9
+    dead_code_threshold: float = 6.0      # restart codes used less than this per batch; 0: never
+    gradient: str = "straight-through"    # or "rotation"
+    conv_init_scale: float = 0.1          # times the Xavier init, convolutions before BatchNorm
+    latent_init_scale: float = 0.5        # times the Xavier-init scale of z_e(x)
+
+
+ORIGINAL_CONFIG = VQVAEConfig(codebook="loss", codebook_init="uniform", ema_decay=0.99,
+                          dead_code_threshold=0.0, conv_init_scale=1.0, latent_init_scale=1.0)
 
 
 def vqvae_from_config(config):
-    """Build the VQ-VAE a checkpoint's `config` describes (seed defaults for missing options)."""
-    return VectorQuantizedVAE(1, config["hidden_size"], config["k"],
-                              codebook=config.get("codebook", "loss"),
-                              codebook_init=config.get("codebook_init", "uniform"),
-                              decay=config.get("ema_decay", 0.99),
-                              dead_code_threshold=config.get("dead_code_threshold", 0.0),
-                              gradient=config.get("gradient", "straight-through"),
-                              conv_init_scale=config.get("conv_init_scale", 1.0),
-                              latent_init_scale=config.get("latent_init_scale", 1.0))
+    """VQVAEConfig -> the VQ-VAE it describes, freshly initialised."""
+    return VectorQuantizedVAE(1, config.hidden_size, config.k, codebook=config.codebook,
+                              codebook_init=config.codebook_init, decay=config.ema_decay,
+                              dead_code_threshold=config.dead_code_threshold,
+                              gradient=config.gradient, conv_init_scale=config.conv_init_scale,
+                              latent_init_scale=config.latent_init_scale)
 
 
-class MNISTClassifier(nn.Module):
-    """Small CNN judge of generated digits (classifier.py --arch cnn): images (B, 1, 28, 28) in
-    [-1, 1] -> logits (B, 10); `features` gives the 128-d penultimate activations used for
-    Frechet distances."""
-
-    num_features = 128
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 3 * 3, self.num_features), nn.ReLU())
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.num_features, 10))
-
-    def features(self, images):
-        return self.body(images)
-
-    def forward(self, images):
-        return self.head(self.body(images))
-
-
-class MNISTMLPClassifier(nn.Module):
-    """The second judge (classifier.py --arch mlp): a multilayer perceptron on the raw pixels, with
-    no convolution, so that it errs differently from the CNN. images (B, 1, 28, 28) -> logits
-    (B, 10); `features`: 128-d penultimate activations."""
-
-    num_features = 128
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Flatten(), nn.Linear(28 * 28, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Dropout(0.2),
-            nn.Linear(512, self.num_features), nn.BatchNorm1d(self.num_features), nn.ReLU())
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.num_features, 10))
-
-    def features(self, images):
-        return self.body(images)
-
-    def forward(self, images):
-        return self.head(self.body(images))
-
-
-CLASSIFIERS = {"cnn": MNISTClassifier, "mlp": MNISTMLPClassifier}
-
-
-PRIORS = ("gated_pixelcnn", "transformer")
-
-
-def prior_from_config(config):
-    """Build the prior a pixelcnn_prior.py config describes (a Gated PixelCNN where it names no
-    arch, as the first priors did)."""
-    unconditional = config.get("label_dropout", 0) > 0
-    if config.get("arch", "gated_pixelcnn") == "transformer":
-        return CodeTransformer(config["k"], config["hidden_size"], config["num_layers"],
-                               config["heads"], dropout=config["dropout"],
-                               unconditional=unconditional)
-    return GatedPixelCNN(config["k"], config["hidden_size"], config["num_layers"],
-                         dropout=config.get("dropout", 0.0), unconditional=unconditional)
+def original_config_with(**sizes):
+    """The original repo's model at the given sizes (its bare state_dicts say none)."""
+    return replace(ORIGINAL_CONFIG, **sizes)

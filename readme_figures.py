@@ -1,10 +1,10 @@
 """Draw README's figures from the TensorBoard event files of two VQ-VAE.py runs.
 
-    python3 readme_figures.py --seed-run logs/seedcfg_s1 --default-run logs/default_s1
+    python3 readme_figures.py --original-run logs/seedcfg_s1 --default-run logs/default_s1
 
 readme_images/test_curves.png: test MSE and test perplexity per epoch of both runs (two panels).
 readme_images/code_usage.png: how often each code is used on the test set after the last epoch,
-codes sorted from most to least used (the `codebook/test/usage` histogram): the seed's collapse
+codes sorted from most to least used (the `codebook/test/usage` histogram): the original's collapse
 onto a few codes against the default's flat usage.
 """
 import os
@@ -18,7 +18,7 @@ from cli import ArgumentParser, fail
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-RUNS = (("seed configuration", "seed_run", "tab:red"), ("README defaults", "default_run", "tab:blue"))
+RUNS = (("original configuration", "original_run", "tab:red"), ("README defaults", "default_run", "tab:blue"))
 
 
 def read_run(log_dir):
@@ -36,7 +36,7 @@ def read_run(log_dir):
 
 def main():
     p = ArgumentParser(prog="readme_figures.py", description="README figures from event files.")
-    p.add_argument("--seed-run", required=True, help="logs/<name> of a seed-configuration run")
+    p.add_argument("--original-run", required=True, help="logs/<name> of a seed-configuration run")
     p.add_argument("--default-run", required=True, help="logs/<name> of a README-defaults run")
     p.add_argument("--output-folder", default="readme_images")
     args = p.parse_args()

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import load_resume_checkpoint, save_checkpoint
+from checkpoints import (load_optimizer_state, load_resume_checkpoint, load_state, run_settings,
+                         save_checkpoint)
 from cli import fail
 from files import claim_folder, make_output_dirs
 
@@ -53,14 +54,17 @@ def prepare_run_folders(name, resume, overwrite, rank=0):
     return log_dir, model_dir, claim
 
 
-def parse_run_args(parser, kind, locked, argv=None):
+def parse_run_args(parser, kind, locked, argv=None, renamed=None):
     """A trainer's command line -> (args, the --resume checkpoint or None): with --resume, flags not
-    typed take the run's values (`apply_resume_config`); the run name is checked."""
+    typed take the run's values (`apply_resume_config`); `renamed` maps a flag's old destination
+    to its new one, for runs written before the rename. The run name is checked."""
     args = parser.parse_args(argv)
     checkpoint = None
     if args.resume:
         checkpoint = load_resume_checkpoint(args.resume, kind)
-        apply_resume_config(parser, args, checkpoint["config"], locked, argv)
+        settings = {(renamed or {}).get(key, key): value
+                    for key, value in run_settings(checkpoint).items()}
+        apply_resume_config(parser, args, settings, locked, argv)
     check_run_name(args.output_folder, args.resume, args.overwrite)
     return args, checkpoint
 
@@ -84,7 +88,7 @@ def apply_resume_config(parser, args, config, locked, argv=None):
         locked = (*locked, "num_epochs", "max_steps")
     typed = typed_flags(parser, argv)
     for key, value in config.items():
-        if key in ("data_folder", "device", "num_workers"):
+        if key in ("data_folder", "device", "num_workers") or not hasattr(args, key):
             continue
         mine = getattr(args, key, None)
         if key not in typed:
@@ -155,60 +159,176 @@ def seed_everything(seed):
 
 
 class TrainingRun:
-    """The bookkeeping of one training run, shared by VQ-VAE.py, pixelcnn_prior.py and classifier.py.
+    """One training run, the skeleton shared by VQ-VAE.py, pixelcnn_prior.py and classifier.py:
 
-    Created after every input check (so bad input leaves nothing on disk), it makes the run folders
-    (an earlier run's checkpoints are never silently replaced) and catches Ctrl-C and SIGTERM. The
-    loop hands it each step's scalars as one device tensor (`record`); at a sync point (`sync_due`)
-    `sync` reads them back in one host sync, stops the run on a non-finite value (exit 1, the
-    checkpoints untouched) and says whether a stop was asked for, agreed by all torchrun processes;
-    `stop` then saves last.pt and exits. `save` writes a checkpoint atomically (rank 0 only).
+        with TrainingRun(...) as run:                        # resume, folders, signals, writer
+            for epoch in run.epochs(num_epochs, steps_per_epoch):
+                for batch in split.batches(size, run.shuffled(n), run.batch_in_epoch):
+                    ... one optimisation step ...
+                    run.step_done(scalars)                   # count, log, stop on a signal/NaN
+                run.save_epoch(metrics, score)               # best.pt, last.pt
+
+    `state` names what a checkpoint holds besides the bookkeeping: {"state_dict": model,
+    "optimizer": ..., "scheduler": ... or None, ...}; each is saved with `state_dict()` and
+    restored on --resume. It is created after every input check, so bad input leaves nothing on
+    disk; it then claims the run folders (an earlier run is never silently replaced) and catches
+    Ctrl-C and SIGTERM until the `with` block ends. Each step's scalars stay on the device until a
+    sync point (every --log-every steps and at the end of an epoch), where one host read writes
+    them to TensorBoard, stops the run on a non-finite value (exit 1, checkpoints untouched) and,
+    on a signal, saves last.pt and exits 128 + signal; under torchrun all processes agree there.
     """
 
-    def __init__(self, script, name, resume, overwrite, log_every, rank=0, world_size=1,
-                 device="cpu"):
-        self.script, self.log_every = script, log_every
+    def __init__(self, script, kind, args, model_config, state, checkpoint, shuffle, scalars,
+                 rank=0, world_size=1, device="cpu"):
+        self.script, self.kind, self.log_every = script, kind, args.log_every
+        self.model_config, self.state, self.shuffle, self.scalars = model_config, state, shuffle, \
+            scalars
+        self.run_config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.log_dir, self.model_dir, self.claim = prepare_run_folders(name, resume, overwrite,
-                                                                        rank)
+        self.epoch = self.step = self.batch_in_epoch = 0
+        self.best = float("inf")  # the lowest score passed to save_epoch so far
+        if checkpoint:
+            self._restore(checkpoint, args.resume)
+        self.log_dir, self.model_dir, self.claim = prepare_run_folders(
+            args.output_folder, args.resume, args.overwrite, rank)
         self.signals, self.pending = [], []
-        signal.signal(signal.SIGINT, self._request_stop)
-        signal.signal(signal.SIGTERM, self._request_stop)
+        self.handlers = {signum: signal.signal(signum, self._request_stop)
+                         for signum in (signal.SIGINT, signal.SIGTERM)}
+        from torch.utils.tensorboard import SummaryWriter   # here: only a run that writes needs it
+        self.writer = SummaryWriter(self.log_dir) if rank == 0 else None
+        self.resumed = checkpoint is not None
 
-    def _request_stop(self, signum, _frame):
-        self.signals.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
+    def __enter__(self):
+        return self
 
-    def record(self, scalars):
-        """This step's scalars (a device tensor, the loss first): kept until the next sync."""
+    def __exit__(self, *_):
+        if self.writer:
+            self.writer.close()
+        for signum, handler in self.handlers.items():
+            signal.signal(signum, handler)
+        if self.claim:
+            self.claim.release()
+
+    def _restore(self, checkpoint, path):
+        """Everything --resume continues: the state, the random states, the counters. A module
+        missing from the checkpoint (a prior's raw weights, from runs that did not average them)
+        starts from its saved weights."""
+        for name, obj in self.state.items():
+            saved = checkpoint.get(name)
+            if isinstance(obj, torch.nn.Module):
+                load_state(obj, checkpoint["state_dict"] if saved is None else saved, "--resume",
+                           path)
+            elif isinstance(obj, torch.optim.Optimizer):
+                load_optimizer_state(obj, saved)
+            elif obj is not None and saved:
+                obj.load_state_dict(saved)
+        set_rng_state(checkpoint["rng"], self.shuffle)
+        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+        self.batch_in_epoch = checkpoint.get("batch_in_epoch", 0)
+        if "best_score" in checkpoint:
+            self.best = checkpoint["best_score"]
+        elif "best_accuracy" in checkpoint:  # runs written before the score was saved by one name
+            self.best = -checkpoint["best_accuracy"]
+        else:
+            self.best = checkpoint.get("best_loss", checkpoint.get("best_nll", float("inf")))
+
+    def checkpoint(self, metrics=None, epoch_done=True):
+        """The checkpoint of this moment: at the end of an epoch, or (epoch_done=False) mid-epoch,
+        where a resume draws the epoch's order again from the shuffle state it started with."""
+        shuffle_state = self.shuffle.get_state() if epoch_done else self.epoch_shuffle_state
+        return {"kind": self.kind, "model_config": self.model_config,
+                "run_config": self.run_config,
+                **{name: obj.state_dict() if obj is not None else None
+                   for name, obj in self.state.items()},
+                "epoch": self.epoch + epoch_done, "batch_in_epoch": 0 if epoch_done else
+                self.batch_in_epoch, "step": self.step,
+                "rng": {**rng_state(self.shuffle), "shuffle": shuffle_state},
+                "best_score": self.best, "metrics": metrics}
+
+    def epochs(self, num_epochs, steps_per_epoch, total_steps=None):
+        """The epochs left, from where a resumed run stopped, until `num_epochs` or `total_steps`."""
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = min(num_epochs * steps_per_epoch, total_steps or float("inf"))
+        if self.resumed and (self.epoch >= num_epochs or self.step >= self.total_steps) \
+                and self.rank == 0:
+            print(f"{self.model_dir}/ is complete: {self.epoch} of {num_epochs} epochs, "
+                  f"{self.step} steps; nothing to train")
+        for epoch in range(self.epoch, num_epochs):
+            if self.step >= self.total_steps:
+                return
+            self.epoch_shuffle_state = self.shuffle.get_state()
+            yield epoch
+            self.epoch, self.batch_in_epoch = epoch + 1, 0
+
+    def shuffled(self, n):
+        """This epoch's order of the n training examples (on the CPU; drawn once per epoch)."""
+        return torch.randperm(n, generator=self.shuffle)
+
+    def step_done(self, scalars):
+        """After an optimisation step: count it and keep its scalars (a device tensor, the loss
+        first). At a sync point -> the rows read back (one list per step since the last), else
+        None. A non-finite value exits 1; a signal saves last.pt and exits 128 + signal."""
         self.pending.append(scalars)
+        self.step += 1
+        self.batch_in_epoch += 1
+        end = self.batch_in_epoch == self.steps_per_epoch or self.step >= self.total_steps
+        if not (self.step % self.log_every == 0 or end or
+                self.world_size == 1 and self.signals):
+            return None
+        rows, signum = self._sync()
+        if signum:
+            self._stop(signum)
+        return rows
 
-    def sync_due(self, step, end_of_epoch):
-        """Every `log_every` steps and at the end of an epoch (steps all processes reach alike);
-        alone, also as soon as a signal came."""
-        return step % self.log_every == 0 or end_of_epoch or \
-            self.world_size == 1 and bool(self.signals)
+    def out_of_steps(self):
+        """Whether the run has taken all its steps (--max-steps can end it mid-epoch)."""
+        return self.step >= self.total_steps
 
-    def sync(self, step, writer=None, tags=()):
-        """The one host sync: -> (rows of the recorded scalars, one list per step up to `step`,
-        the signal number that stops all processes now, or 0). A non-finite value in any process
-        ends the run here (exit 1); otherwise the rows go to `writer` under `tags`."""
+    def _sync(self):
+        """The one host sync: -> (the recorded rows, the signal number that stops all processes
+        now, or 0). A non-finite value in any process ends the run here (exit 1)."""
         rows = torch.stack(self.pending).tolist()
         self.pending.clear()
-        first_step = step - len(rows) + 1
+        first_step = self.step - len(rows) + 1
         bad = next((i for i, row in enumerate(rows) if not all(map(math.isfinite, row))), None)
         signum, nonfinite = agree_to_stop(self.signals[0] if self.signals else 0, bad is not None,
                                           self.world_size, self.device)
         if nonfinite:
             end_distributed(self.world_size)
             where = f"became {rows[bad][0]} at step {first_step + bad}" if bad is not None else \
-                f"became non-finite in another process by step {step}"
+                f"became non-finite in another process by step {self.step}"
             fail(f"loss {where}; training stopped, the checkpoints already in {self.model_dir}/ "
                  f"are untouched", status=1)
-        for i, row in enumerate(rows if writer else []):
-            for tag, value in zip(tags, row):
-                writer.add_scalar(tag, value, first_step + i)
+        for i, row in enumerate(rows if self.writer else []):
+            for tag, value in zip(self.scalars, row):
+                self.writer.add_scalar(tag, value, first_step + i)
         return rows, signum
+
+    def _request_stop(self, signum, _frame):
+        self.signals.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
+
+    def _stop(self, signum):
+        """Save the mid-epoch checkpoint as last.pt, say how to resume, leave together."""
+        who = f"rank {self.rank} " if self.world_size > 1 else ""
+        print(f"\n{who}stopped by signal {signum} at step {self.step}", file=sys.stderr)
+        self.save("last.pt", self.checkpoint(epoch_done=False))
+        if self.rank == 0:
+            print(f"resume with:\n  python {self.script} --resume {self.model_dir}/last.pt",
+                  file=sys.stderr)
+        end_distributed(self.world_size)
+        sys.exit(128 + signum)
+
+    def save_epoch(self, metrics, score, every_epoch=False):
+        """At the end of an epoch (rank 0): best.pt when `score` (lower is better) is the best so
+        far, model_<epoch>.pt too with `every_epoch`, and last.pt."""
+        if score < self.best:
+            self.best = score
+            self.save("best.pt", self.checkpoint(metrics))
+        checkpoint = self.checkpoint(metrics)
+        if every_epoch:
+            self.save(f"model_{self.epoch + 1}.pt", checkpoint)
+        self.save("last.pt", checkpoint)
 
     def save(self, filename, checkpoint):
         if self.rank != 0:
@@ -219,14 +339,3 @@ class TrainingRun:
         except OSError as e:
             fail(f"cannot write checkpoint {path}: {e.strerror or e}; the previous {filename} is "
                  f"intact", status=1)
-
-    def stop(self, signum, step, checkpoint):
-        """Save `checkpoint` as last.pt, say how to resume, leave together: exit 128 + signum."""
-        who = f"rank {self.rank} " if self.world_size > 1 else ""
-        print(f"\n{who}stopped by signal {signum} at step {step}", file=sys.stderr)
-        self.save("last.pt", checkpoint)
-        if self.rank == 0:
-            print(f"resume with:\n  python {self.script} --resume {self.model_dir}/last.pt",
-                  file=sys.stderr)
-        end_distributed(self.world_size)
-        sys.exit(128 + signum)

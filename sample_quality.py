@@ -21,12 +21,11 @@ import torch.nn as nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
-from generate import sample_prior, sampler_options
 from checkpoints import load_classifier, load_prior, load_vqvae
 from cli import (ArgumentParser, add_vqvae_size_flags, nonnegative_float, nonnegative_int,
                  positive_float, positive_int, resolve_device, unit_float, vqvae_sizes)
-from data import MNISTSplit, normalize, to_uint8
-from classifier import TRAIN_IMAGES
+from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, normalize, to_uint8
+from sampling import sample_prior, sampler_options
 from vector_quantizer import count_codes
 
 JUDGES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained", name)
@@ -123,7 +122,7 @@ def main():
     n = args.num_samples
     train = MNISTSplit(args.data_folder, True, device)
     test = MNISTSplit(args.data_folder, False, device)
-    held_out = slice(TRAIN_IMAGES, TRAIN_IMAGES + n)
+    held_out = slice(TRAIN_IMAGES - HOLD_OUT, TRAIN_IMAGES - HOLD_OUT + n)
     labels = torch.arange(n, device=device) % 10
     with torch.no_grad():
         sources = baseline_sources(vqvae, train, held_out, device)

@@ -1,10 +1,14 @@
 """How the priors turn logits into codes: classifier-free guidance, temperature, top-k and nucleus
-filtering, and the draw. Shared by both priors' samplers (gated_pixelcnn.py, code_transformer.py).
+filtering, and the draw, shared by both priors' samplers (gated_pixelcnn.py, code_transformer.py);
+and the sampler's flags and the decoded samples, shared by generate.py, sample_quality.py and
+benchmark.py.
 """
 import torch
 
-# generate.py's default --guidance-scale, measured in README ("The prior"): the scale at which the
-# committed prior's samples at temperature 1.0 are judged best.
+from cli import fail, nonnegative_float, positive_int, unit_float
+
+# generate.py's default --guidance-scale, measured in RESULTS.md "The prior": the scale at which the
+# committed prior's samples at temperature 1.0 are judged best by the repo's two judges.
 DEFAULT_GUIDANCE_SCALE = 1.4
 
 
@@ -52,3 +56,34 @@ def filter_logits(logits, top_k=None, top_p=1.0):
         outside = probs.cumsum(1) - probs >= top_p    # the mass before this code already reaches p
         logits = logits.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
     return logits
+
+
+def add_sampler_flags(parser):
+    """--guidance-scale, --top-k, --top-p: the sampler options of generate.py and its users
+    (temperature apart: sample_quality.py sweeps several)."""
+    parser.add_argument("--guidance-scale", type=nonnegative_float, default=None, metavar="S",
+                        help="classifier-free guidance: logits u + S (c - u) from the prior's "
+                             "unconditional u and conditional c; 1 is none. Default "
+                             f"{DEFAULT_GUIDANCE_SCALE} (measured: RESULTS.md), 1 for a prior "
+                             "trained without --label-dropout")
+    parser.add_argument("--top-k", type=positive_int, default=None,
+                        help="sample among the K most likely codes only")
+    parser.add_argument("--top-p", type=unit_float, default=1.0,
+                        help="nucleus sampling: among the most likely codes holding this mass")
+
+
+def sampler_options(prior, prior_path, scale=None, top_k=None, top_p=1.0):
+    """The sampler flags (--guidance-scale None: the default for this prior) -> keyword arguments
+    of the prior's `sample` (temperature aside)."""
+    if scale is None:
+        scale = DEFAULT_GUIDANCE_SCALE if prior.null_label is not None else 1.0
+    elif scale != 1.0 and prior.null_label is None:
+        fail(f"--guidance-scale {scale}: --prior-model {prior_path} was trained without "
+             "--label-dropout, so it has no unconditional half to guide with (use 1)")
+    return {"guidance_scale": scale, "top_k": top_k, "top_p": top_p}
+
+
+def sample_prior(prior, vqvae, labels, batch_size=1000, **sampler):
+    """labels (N,) -> decoded images (N, 1, 28, 28) in [-1, 1]; `sampler`: the prior's `sample`'s
+    options."""
+    return torch.cat([vqvae.decode(prior.sample(y, **sampler)) for y in labels.split(batch_size)])

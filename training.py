@@ -3,6 +3,7 @@ optimizer and learning-rate schedule, the --amp precision, torch.compile, code-u
 the test-set evaluation."""
 
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -10,18 +11,27 @@ import torch.nn.functional as F
 from vector_quantizer import count_codes
 
 
+class VQVAELosses(NamedTuple):
+    """The terms of the VQ-VAE objective on one batch (scalar tensors), and the codes chosen."""
+    loss: torch.Tensor             # what is minimised
+    reconstruction: torch.Tensor   # ||x - x~||^2
+    codebook: torch.Tensor         # ||sg[z_e(x)] - e||^2, moves the codewords
+    commitment: torch.Tensor       # ||z_e(x) - sg[e]||^2, keeps the encoder near its codewords
+    indices: torch.Tensor          # (B, 7, 7)
+
+
 def vqvae_losses(model, images, beta, learned_codebook=True):
-    """The VQ-VAE objective (paper eq. 3) on one batch -> (loss, reconstruction_loss, codebook_loss,
-    commitment_loss, indices). `learned_codebook=False` (EMA codebook) leaves the codebook loss out of
-    the total: the EMA update does its job. The codebook loss is still returned for logging."""
+    """The VQ-VAE objective (paper eq. 3) on one batch -> VQVAELosses: loss = reconstruction +
+    codebook + beta * commitment. `learned_codebook=False` (EMA codebook) leaves the codebook term
+    out of the loss, since the EMA update moves the codewords; it is still returned for logging."""
     x_tilde, z_e_x, z_q_x, indices = model(images, return_indices=True)
-    reconstruction_loss = F.mse_loss(x_tilde.float(), images)
-    codebook_loss = F.mse_loss(z_q_x.float(), z_e_x.detach().float())    # ||sg[z_e(x)] - e||^2
-    commitment_loss = F.mse_loss(z_e_x.float(), z_q_x.detach().float())  # ||z_e(x) - sg[e]||^2
-    loss = reconstruction_loss + beta * commitment_loss
+    reconstruction = F.mse_loss(x_tilde.float(), images)
+    codebook = F.mse_loss(z_q_x.float(), z_e_x.detach().float())
+    commitment = F.mse_loss(z_e_x.float(), z_q_x.detach().float())
+    loss = reconstruction + beta * commitment
     if learned_codebook:
-        loss = loss + codebook_loss
-    return loss, reconstruction_loss, codebook_loss, commitment_loss, indices
+        loss = loss + codebook
+    return VQVAELosses(loss, reconstruction, codebook, commitment, indices)
 
 
 def make_optimizer(model, lr, device):
@@ -90,7 +100,7 @@ def make_precision(device, amp):
 
 
 def train_step(model, optimizer, scaler, images, beta, learned_codebook, amp_dtype=None):
-    """One optimisation step, under autocast to `amp_dtype` when given -> the `vqvae_losses` tuple,
+    """One optimisation step, under autocast to `amp_dtype` when given -> its VQVAELosses,
     detached. `scaler` scales the loss for fp16 (a disabled one passes everything through).
 
     The codebook's training-time updates (k-means init on the first batch, the EMA statistics,
@@ -100,10 +110,10 @@ def train_step(model, optimizer, scaler, images, beta, learned_codebook, amp_dty
                         enabled=amp_dtype is not None):
         losses = vqvae_losses(model, images, beta, learned_codebook)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(losses[0]).backward()
+    scaler.scale(losses.loss).backward()
     scaler.step(optimizer)  # with fused Adam the inf check stays on the device: no host sync
     scaler.update()
-    return tuple(t.detach() for t in losses)
+    return VQVAELosses(*(t.detach() for t in losses))
 
 
 def perplexity(counts):

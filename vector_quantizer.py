@@ -9,7 +9,7 @@ Shapes, with B images, a (H, W) = (7, 7) latent grid, D = --hidden-size and K = 
     indices    (B, H, W)      argmin over K, int64
     z_q_x      (B, D, H, W)   codewords gathered by index
 
-`vq` and `vq_st` are the seed repo's functional API (kept so code and tests written against it work);
+`vq` and `vq_st` are the original repo's functional API (kept so code and tests written against it work);
 `VQEmbedding` is the module the model uses, with the codebook options as constructor arguments.
 """
 import torch
@@ -119,16 +119,16 @@ def kmeans(samples, k, iterations=10):
 
 
 class VQEmbedding(nn.Module):
-    """Codebook of K codewords of size D, with the seed's `forward` (indices) and `straight_through`.
+    """Codebook of K codewords of size D, with the original's `forward` (indices) and `straight_through`.
 
-    codebook='loss'  the seed: codewords are parameters moved by the codebook loss ||sg[z_e] - e||^2.
+    codebook='loss'  the original's: codewords are parameters moved by the codebook loss ||sg[z_e] - e||^2.
     codebook='ema'   codewords are exponential moving averages of the encoder outputs assigned to them
                      (paper appendix A.1; Laplace-smoothed counts as in Sonnet); no codebook loss.
     init='kmeans'    on the first training batch the codebook is set by k-means on encoder outputs.
     dead_code_threshold > 0: a code whose EMA usage (assignments per batch) falls below it is re-seeded
                      with a random encoder output of the current batch.
     gradient='rotation': the decoder's gradient reaches the encoder through `rotate_to_codes`
-                     instead of the straight-through copy (the seed).
+                     instead of the straight-through copy (the original's).
     """
 
     def __init__(self, K, D, codebook="loss", init="uniform", decay=0.99, dead_code_threshold=0.0,
@@ -158,7 +158,7 @@ class VQEmbedding(nn.Module):
         return vq(z_e_x.permute(0, 2, 3, 1), self.embedding.weight)
 
     def straight_through(self, z_e_x):
-        """The seed's API: (B, D, H, W) -> (z_q_x_st, z_q_x), both (B, D, H, W)."""
+        """The original's API: (B, D, H, W) -> (z_q_x_st, z_q_x), both (B, D, H, W)."""
         z_q_x_st, z_q_x, _ = self.quantize(z_e_x)
         return z_q_x_st, z_q_x
 

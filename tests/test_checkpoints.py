@@ -1,0 +1,162 @@
+"""Checkpoint files (checkpoints.py): written atomically, read with weights_only=True, refused in one
+line when foreign or damaged; every format written so far still loads (the committed checkpoints,
+files from before model configs, the original repo's bare state_dicts)."""
+import json
+import os
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from checkpoints import load_checkpoint, load_classifier, load_prior, load_vqvae, save_checkpoint
+from conftest import PRETRAINED_VQVAE, REPO, assert_clean_failure, run
+from data import MNISTSplit
+from modules import VQVAEConfig, VectorQuantizedVAE, vqvae_from_config
+
+PRETRAINED = os.path.join(REPO, "models", "pretrained")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = VQVAEConfig(hidden_size=8, k=16, dead_code_threshold=0.5)
+    model = vqvae_from_config(config)
+    model(torch.rand(8, 1, 28, 28))  # k-means init + an EMA step change the buffers
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, {"kind": "vqvae", "state_dict": model.state_dict(),
+                           "model_config": asdict(config)})
+    assert os.listdir(tmp_path) == ["m.pt"]  # no temp file left behind
+    clone, _ = load_vqvae(path, "cpu")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, clone.state_dict()[key]), key
+    assert not clone.codeBook._needs_init
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(model.eval()(x)[0], clone(x)[0])
+
+
+def test_committed_checkpoints_load_and_resume(tmp_path, data_folder):
+    """The four committed files predate model configs (one "config": the command line): each
+    loads as the model it is, and the committed VQ-VAE still resumes, finding its run complete."""
+    vqvae, checkpoint = load_vqvae(os.path.join(PRETRAINED, "vqvae_mnist.pt"), "cpu")
+    assert "model_config" not in checkpoint and checkpoint["config"]["k"] == 512
+    assert vqvae.codeBook.codebook == "ema" and vqvae.codeBook.dead_code_threshold == 6.0
+    prior = load_prior(os.path.join(PRETRAINED, "prior_mnist.pt"), "cpu", 512)
+    assert type(prior).__name__ == "GatedPixelCNN" and len(prior.layers) == 12
+    assert prior.embedding.embedding_dim == 64 and prior.null_label == 10
+    assert type(load_classifier(os.path.join(PRETRAINED, "classifier.pt"), "cpu")).__name__ == \
+        "MNISTClassifier"
+    assert type(load_classifier(os.path.join(PRETRAINED, "classifier_mlp.pt"), "cpu")).__name__ \
+        == "MNISTMLPClassifier"
+    result = run("VQ-VAE.py", "--resume", os.path.join(PRETRAINED, "vqvae_mnist.pt"),
+                 "--output-folder", "committed", "--data-folder", data_folder, cwd=tmp_path)
+    assert "is complete: 10 of 10 epochs" in result.stdout
+
+
+def test_checkpoints_keep_the_model_apart_from_the_command_line(trained_prior, trained_classifier):
+    """model_config holds the network's config and nothing of the run; run_config the flags."""
+    cwd, _ = trained_prior
+    prior = torch.load(cwd / "models" / "prior" / "last.pt", weights_only=True)
+    assert prior["model_config"] == {"arch": "gated_pixelcnn", "k": 32, "channels": 32,
+                                     "num_layers": 4, "num_classes": 10, "dropout": 0.1,
+                                     "unconditional": True}
+    assert prior["run_config"]["channels"] == 32 and "k" not in prior["run_config"]
+    judge = torch.load(trained_classifier[0] / "models" / "judge" / "last.pt", weights_only=True)
+    assert judge["model_config"] == {"arch": "cnn"}
+
+
+def original_repo_checkpoint(path):
+    """A checkpoint as the original repo writes it: its model (this repo's network with the original's
+    bare nn.Embedding codebook, so exactly the original's keys), `torch.save(model.state_dict(), f)`.
+    The weights are the committed VQ-VAE's, so its reconstructions are real ones."""
+    trained = torch.load(PRETRAINED_VQVAE, weights_only=True)
+    model = VectorQuantizedVAE(1, 40, 512)
+    model.codeBook = torch.nn.Module()
+    model.codeBook.embedding = torch.nn.Embedding(512, 40)
+    model.load_state_dict({k: v for k, v in trained["state_dict"].items()
+                           if not k.startswith("codeBook.") or k == "codeBook.embedding.weight"})
+    torch.save(model.state_dict(), path)
+
+
+def test_original_repo_checkpoint_draws_and_evaluates(data_folder, tmp_path):
+    original_repo_checkpoint(tmp_path / "best.pt")
+    assert not any(k.startswith("codeBook.") and k != "codeBook.embedding.weight"
+                   for k in torch.load(tmp_path / "best.pt", weights_only=True))
+    run("generate.py", "--model", "best.pt", "--input", "MNIST", "--filename", "seed",
+        "--data-folder", data_folder, cwd=tmp_path)
+    grid = np.asarray(Image.open(tmp_path / "generatedImages" / "seed.png").convert("L")) / 255.0
+    from torchvision.utils import make_grid
+    images, _ = next(MNISTSplit(data_folder, False, "cpu", limit=100).batches(100))
+    real = make_grid(images, nrow=10, normalize=True, value_range=(-1, 1))[0].numpy()
+    assert grid.std() > 0.1  # not blank, and far closer to the input than its mean image is
+    assert ((grid - real) ** 2).mean() < 0.1 * ((real.mean() - real) ** 2).mean()
+    figures = [json.loads(run("evaluate.py", "--model", model, "--data-folder", data_folder,
+                              "--test-subset", 500, "--json", cwd=tmp_path).stdout)
+               for model in ("best.pt", PRETRAINED_VQVAE)]
+    assert figures[0] == figures[1]  # the same weights as the committed checkpoint: same figures
+    assert figures[0]["test_mse"] < 0.02
+
+
+@pytest.mark.parametrize("damage", ["extra", "missing", "other_size"])
+def test_original_repo_checkpoint_with_other_keys_is_refused(tmp_path, damage):
+    original_repo_checkpoint(tmp_path / "best.pt")
+    state_dict = torch.load(tmp_path / "best.pt", weights_only=True)
+    key = {"extra": "decoder.99.weight", "missing": "decoder.4.weight",
+           "other_size": "encoder.0.weight"}[damage]
+    if damage == "extra":
+        state_dict[key] = torch.zeros(1)
+    elif damage == "missing":
+        del state_dict[key]
+    else:
+        state_dict[key] = torch.zeros(3)
+    torch.save(state_dict, tmp_path / "damaged.pt")
+    result = run("generate.py", "--model", "damaged.pt", "--hidden-size-vae", 40, "--k", 512,
+                 "--input", "random", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "damaged.pt", key)
+    assert "cluster_size" not in result.stderr  # the filled buffers are never named
+    assert not (tmp_path / "generatedImages").exists()
+
+
+class CodeRunningPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "config": CodeRunningPayload(marker)}, tmp_path / "evil.pt")
+    result = run("generate.py", "--model", "evil.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "evil.pt", "weights_only")
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_script_is_refused_by_name(tmp_path):
+    save_checkpoint(str(tmp_path / "prior.pt"), {"kind": "prior", "state_dict": {}, "config": {}})
+    result = run("generate.py", "--model", "prior.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "prior checkpoint", "pixelcnn_prior.py")
+
+
+@pytest.mark.parametrize("size", [0, 100])
+def test_empty_or_truncated_checkpoint_is_refused(trained_run, tmp_path, size):
+    cwd, _ = trained_run
+    data = (cwd / "models" / "tiny" / "best.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:size])
+    result = run("evaluate.py", "--model", "cut.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "cut.pt")
+
+
+def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(path, {"kind": "vqvae", "state_dict": {"w": torch.ones(3)}, "config": {}})
+
+    def full_disk_save(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"kind": "vqvae", "state_dict": {"w": torch.zeros(3)}, "config": {}})
+    assert os.listdir(tmp_path) == ["last.pt"]
+    assert torch.equal(load_checkpoint(path, "vqvae")["state_dict"]["w"], torch.ones(3))

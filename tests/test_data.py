@@ -1,0 +1,96 @@
+"""MNIST (data.py): the shipped copy checked and extracted by any number of processes at once, the
+two input pipelines giving the same batches, the training split's held-out slice, damaged files."""
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, assert_clean_failure, run
+from data import MNISTSplit, training_slices
+
+
+def test_both_pipelines_give_identical_batches(data_folder):
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    fast = MNISTSplit(data_folder, True, "cpu", "device", limit=300)
+    seed_style = MNISTSplit(data_folder, True, "cpu", "torchvision", num_workers=0, limit=300)
+    fast_batches, seed_batches = list(fast.batches(128, order)), list(seed_style.batches(128, order))
+    assert len(fast_batches) == len(seed_batches) == 3
+    for (a, la), (b, lb) in zip(fast_batches, seed_batches):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    images, _ = next(fast.batches(300))
+    assert images.min() == -1 and images.max() == 1
+    assert abs((images.mean().item() + 1) / 2 - 0.1307) < 0.02  # MNIST's known pixel mean
+
+
+def test_training_rejects_data_folder_that_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = run("VQ-VAE.py", "--data-folder", "afile", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--data-folder")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt_shipped"])
+def test_training_rejects_damaged_dataset(tmp_path, data_folder, damage, monkeypatch):
+    import shutil
+    if damage == "truncate":
+        raw = tmp_path / "data" / "MNIST" / "raw"
+        shutil.copytree(os.path.join(data_folder, "MNIST", "raw"), raw)
+        with open(raw / "t10k-images-idx3-ubyte", "r+b") as f:
+            f.truncate(1000)
+        result = run("VQ-VAE.py", "--data-folder", "data", *TINY, cwd=tmp_path, check=False)
+        assert_clean_failure(result, "t10k-images-idx3-ubyte", "truncated")
+        assert os.path.getsize(raw / "t10k-images-idx3-ubyte") == 1000  # left for the user to see
+    else:
+        import data
+        shipped = tmp_path / "shipped"
+        shutil.copytree(data.SHIPPED_MNIST, shipped)
+        with open(shipped / "train-labels-idx1-ubyte.gz", "r+b") as f:
+            f.seek(100)
+            f.write(b"garbage")
+        monkeypatch.setattr(data, "SHIPPED_MNIST", str(shipped))
+        with pytest.raises(SystemExit) as exit_info:
+            data.prepare_mnist(str(tmp_path / "fresh"))
+        assert exit_info.value.code == 2
+
+
+def prepare_at_barrier(barrier, folder):
+    import data
+    barrier.wait()
+    data.prepare_mnist(folder)
+
+
+def test_many_processes_prepare_one_fresh_data_folder_at_once(tmp_path):
+    """8 processes released together prepare one fresh --data-folder, three times over: every one
+    succeeds, and the folder holds exactly the four files, byte for byte the decompressed shipped
+    files that MNIST/SHA256SUMS vouches for (prepare_mnist checks the .gz against it)."""
+    import gzip
+    import hashlib
+    import multiprocessing
+    import data
+    decompressed = {name: hashlib.sha256(gzip.open(os.path.join(data.SHIPPED_MNIST, name + ".gz"))
+                                         .read()).hexdigest() for name in data.MNIST_FILES}
+    context = multiprocessing.get_context("fork")  # starts at once: no new interpreter to import
+    for attempt in range(3):
+        folder = tmp_path / f"data{attempt}"
+        barrier = context.Barrier(8)
+        processes = [context.Process(target=prepare_at_barrier, args=(barrier, str(folder)))
+                     for _ in range(8)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=120)
+        assert [process.exitcode for process in processes] == [0] * 8, attempt
+        raw = folder / "MNIST" / "raw"
+        assert sorted(os.listdir(raw)) == sorted(data.MNIST_FILES), attempt
+        for name, digest in decompressed.items():
+            assert hashlib.sha256((raw / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_training_slices_hold_out_the_last_images(data_folder):
+    fit, held_out = training_slices(data_folder, "cpu", 10000)
+    assert (len(fit), len(held_out)) == (50000, 10000)
+    whole = MNISTSplit(data_folder, True, "cpu")
+    assert torch.equal(held_out.images, whole.images[50000:])
+    assert torch.equal(held_out.labels, whole.labels[50000:])
+    small, none = training_slices(data_folder, "cpu", 0, train_subset=100)
+    assert len(small) == 100 and none is None
+    assert torch.equal(small.images, whole.images[:100])

@@ -1,0 +1,139 @@
+"""torchrun (DistributedDataParallel on the CPU, fresh data folders, stops reaching every rank),
+gpu_check.py without a GPU, and benchmark.py's figures."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run
+from modules import VQVAEConfig, vqvae_from_config
+
+
+def test_torchrun_ddp_on_cpu_matches_single_process(tmp_path):
+    """torchrun with 2 processes and a single-process run, started at the same moment on one fresh
+    --data-folder (all three prepare MNIST there), end alike."""
+    flags = ["--data-folder", "fresh", "--num-epochs", "1", "--max-steps", "8",
+             "--codebook-init", "uniform", "--dead-code-threshold", "0", *TINY,
+             # The EMA codebook dominates the comparison below; at decay 0.9 the per-rank
+             # BatchNorm differences reach it 10x faster than at the 0.99 the bound was set for.
+             "--ema-decay", "0.99"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    processes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for command in (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(REPO, "VQ-VAE.py"), "--output-folder", "ddp", *flags],
+        [sys.executable, os.path.join(REPO, "VQ-VAE.py"), "--output-folder", "single", *flags])]
+    (ddp_out, ddp_err), (_, single_err) = [process.communicate(timeout=600) for process in processes]
+    assert processes[0].returncode == 0, ddp_err[-3000:]
+    assert processes[1].returncode == 0, single_err[-3000:]
+    checksums = sorted(line for line in ddp_out.splitlines() if "parameter checksum" in line)
+    assert len(checksums) == 2  # one per rank, and the replicas ended identical:
+    assert checksums[0].split()[-1] == checksums[1].split()[-1], checksums
+    ddp = torch.load(tmp_path / "models/ddp/last.pt", weights_only=True)
+    single = torch.load(tmp_path / "models/single/last.pt", weights_only=True)
+    assert ddp["step"] == single["step"] == 8
+    torch.manual_seed(3)
+    init = vqvae_from_config(VQVAEConfig(**single["model_config"])).state_dict()
+    keys = [name for name, _ in vqvae_from_config(VQVAEConfig(**single["model_config"]))
+            .named_parameters()]
+    # Same global batch of 64 split 32 + 32: the updates agree up to per-rank BatchNorm statistics
+    # (SyncBatchNorm is used on GPUs only), so compare the size of the parameter updates.
+    difference = sum((ddp["state_dict"][k] - single["state_dict"][k]).pow(2).sum() for k in keys)
+    update = sum((single["state_dict"][k] - init[k]).pow(2).sum() for k in keys)
+    assert (difference / update).sqrt() < 0.25
+
+
+def rank_process(cwd, rank):
+    """The pid of the torchrun worker of `rank` running in folder `cwd` (Linux /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") != str(cwd):
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                    return int(pid)
+        except OSError:
+            continue
+    raise AssertionError(f"no rank {rank} process in {cwd}")
+
+
+def catches_signal(pid, signum):
+    """Whether process `pid` has a handler for `signum` (Linux /proc: the SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
+def test_torchrun_stop_reaches_every_rank_and_default_codebook_stays_in_step(tmp_path):
+    """Default flags (k-means init, dead-code restart: rank 0's broadcasts), from a fresh
+    --data-folder that both ranks prepare at once. SIGTERM to rank 1 alone: both ranks stop at the
+    same step, rank 0 writes last.pt, both leave the process group; the resumed run ends with
+    identical parameters on both ranks."""
+    flags = ["--data-folder", "fresh", "--num-epochs", "2", *TINY, "--train-subset", "2048",
+             "--log-every", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(REPO, "VQ-VAE.py")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([*torchrun, "--output-folder", "ddp", *flags], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert process.stdout.readline().startswith("training")
+    rank_1 = rank_process(tmp_path, 1)
+    deadline = time.time() + 60
+    while not catches_signal(rank_1, signal.SIGTERM) and time.time() < deadline:
+        time.sleep(0.05)  # until rank 1's TrainingRun has its handler: SIGTERM then stops, not kills
+    os.kill(rank_1, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    stops = sorted(line for line in stderr.splitlines() if "stopped by signal 15" in line)
+    assert [line.split()[1] for line in stops] == ["0", "1"], stderr[-3000:]
+    step = int(stops[0].split()[-1])
+    assert stops[1].split()[-1] == str(step)  # the same step on both ranks
+    cut = torch.load(tmp_path / "models" / "ddp" / "last.pt", weights_only=True)
+    assert cut["step"] == step and 0 < step < 64
+    result = subprocess.run([*torchrun, "--resume", "models/ddp/last.pt", "--data-folder",
+                             "fresh"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checksums = sorted(line for line in result.stdout.splitlines() if "parameter checksum" in line)
+    assert len(checksums) == 2 and checksums[0].split()[-1] == checksums[1].split()[-1], checksums
+    assert torch.load(tmp_path / "models" / "ddp" / "last.pt", weights_only=True)["step"] == 64
+
+
+def test_benchmark_reports_both_pipelines(tmp_path, data_folder):
+    result = run("benchmark.py", "--data-folder", data_folder, "--steps", "2", "--warmup", "1",
+                 "--num-workers", "0", "--prior-samples", "20", "--json", cwd=tmp_path)
+    report = json.loads(result.stdout)
+    assert [row["pipeline"].split()[0] for row in report["rows"]] == ["original-style", "fast"]
+    for row in report["rows"]:  # figures are printed, never asserted on
+        assert row["ms_per_step"] > 0 and row["images_per_s"] > 0 and row["s_per_epoch"] > 0
+    assert report["speedup"] > 0
+    assert report["prior_samples"]["n"] == 20 and report["prior_samples"]["s"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs every script for minutes on a GPU")
+def test_gpu_check_says_there_is_no_gpu_and_exits_0(tmp_path):
+    result = run("gpu_check.py", cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr
+    first, report = result.stdout.strip().splitlines()
+    assert "no CUDA GPU" in first
+    assert json.loads(report)["gpu_check"]["checks"] == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_gpu_check_runs_torchrun_with_two_processes_or_says_it_needs_two_gpus():
+    import importlib
+    gpu_check = importlib.import_module("gpu_check")
+    for device, gpus in (("cuda", 2), ("cuda", 1), ("cpu", 0)):
+        rows = {name: rest for name, *rest in gpu_check.script_checks(device, "data", False, gpus)}
+        two = next(name for name in rows if name.startswith("torchrun, 2 processes"))
+        command, read = rows[two][:2]
+        if gpus == 1:
+            assert command is None and "needs two GPUs" in read
+        else:
+            assert "--nproc_per_node=2" in command and read is gpu_check.ranks_agree
+    with pytest.raises(ValueError):
+        gpu_check.ranks_agree("rank 0 parameter checksum 1.0\nrank 1 parameter checksum 1.5\n")

@@ -1,0 +1,208 @@
+"""The priors over code maps (gated_pixelcnn.py, code_transformer.py, priors.py), their sampler
+(sampling.py) and their trainer (pixelcnn_prior.py)."""
+import copy
+
+import pytest
+import torch
+
+from checkpoints import load_checkpoint, load_prior, load_state, save_checkpoint
+from code_transformer import CodeTransformer, CodeTransformerConfig
+from conftest import assert_same_weights, prior_flags, run
+from gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from priors import prior_from_config
+
+
+def small(arch, **options):
+    """A small prior of either arch (16 codes, width 8), with `options` in its config."""
+    if arch == "transformer":
+        return CodeTransformer(CodeTransformerConfig(**{"k": 16, "width": 8, "num_layers": 2,
+                                                        "heads": 2, **options}))
+    return GatedPixelCNN(GatedPixelCNNConfig(**{"k": 16, "channels": 8, "num_layers": 3,
+                                               **options}))
+
+
+def assert_causal_without_blind_spot(prior, K, blind_spot_check=True):
+    """The logits at (i, j) depend on no code from (i, j) on in raster order, and (unless saturated
+    weights zero some gradients) on every code before it."""
+    x = prior.embedding(torch.randint(K, (1, 7, 7))).permute(0, 3, 1, 2).detach().requires_grad_()
+    logits = prior.output(prior.stacks_embedded(x, torch.tensor([3])))   # (1, K, 7, 7)
+    raster = torch.arange(49).view(7, 7)
+    for i in range(7):
+        for j in range(7):
+            grad, = torch.autograd.grad(logits[0, :, i, j].sum(), x, retain_graph=True)
+            influences = grad[0].abs().sum(0) > 0                         # (7, 7)
+            assert not influences[raster >= 7 * i + j].any(), (i, j)
+            assert not blind_spot_check or influences[raster < 7 * i + j].all(), (i, j)
+
+
+def test_prior_is_causal_without_blind_spot():
+    torch.manual_seed(0)
+    assert_causal_without_blind_spot(small("gated_pixelcnn", num_layers=6), 16)
+
+
+def test_prior_stays_causal_after_copy_training_and_device_moves():
+    """Causal by construction: a deep copy (as an EMA of the weights makes) trained with Adam, and
+    a move to another device type and back with every weight drawn anew, still see no future code."""
+    torch.manual_seed(0)
+    prior = copy.deepcopy(small("gated_pixelcnn"))
+    optimizer = torch.optim.Adam(prior.parameters(), lr=0.1)
+    codes = torch.randint(16, (4, 7, 7))
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(prior(codes, torch.zeros(4, dtype=torch.long)), codes)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert_causal_without_blind_spot(prior, 16, blind_spot_check=False)
+    moved = prior.to("meta")
+    assert moved(codes.to("meta"), torch.zeros(4, dtype=torch.long, device="meta")).shape == (4, 16, 7, 7)
+    moved = moved.to_empty(device="cpu")
+    for parameter in moved.parameters():
+        torch.nn.init.normal_(parameter)
+    assert_causal_without_blind_spot(moved, 16, blind_spot_check=False)
+
+
+@pytest.mark.parametrize("arch", ["gated_pixelcnn", "transformer"])
+def test_prior_conditioning_and_sampling(arch):
+    torch.manual_seed(0)
+    prior = small(arch, num_layers=4, dropout=0.1, unconditional=True).eval()
+    for parameter in prior.parameters():   # weights far from init, so that any cache slip shows
+        torch.nn.init.normal_(parameter, std=0.5)
+    codes = torch.randint(16, (2, 7, 7))
+    with torch.no_grad():
+        assert not torch.allclose(prior(codes, torch.tensor([0, 0])), prior(codes, torch.tensor([0, 7])))
+        labels = torch.tensor([0, 3, 7, 9, 10])          # 10: the null label, no digit
+        # the cached sampler's logits at every position are the full forward pass's
+        sampled, logits = prior.sample(labels, return_logits=True)
+        torch.testing.assert_close(logits, prior(sampled, labels), atol=1e-4, rtol=1e-4)
+        # guided: u + s (c - u), the unconditional half run in the same batch
+        labels = labels[:4]
+        sampled, logits = prior.sample(labels, guidance_scale=2.5, return_logits=True)
+        u, c = prior(sampled, torch.full_like(labels, 10)), prior(sampled, labels)
+        torch.testing.assert_close(logits, u + 2.5 * (c - u), atol=1e-4, rtol=1e-4)
+        greedy = prior.sample(labels, temperature=1e-6)
+        assert torch.equal(prior(greedy, labels).argmax(1), greedy)
+    with pytest.raises(ValueError, match="label dropout"):
+        small(arch, unconditional=False).sample(labels, guidance_scale=2.0)
+
+
+def test_transformer_prior_is_causal():
+    """Changing code t changes the transformer's logits at positions after t only."""
+    torch.manual_seed(0)
+    prior = small("transformer").eval()
+    codes, labels = torch.randint(16, (2, 7, 7)), torch.tensor([1, 5])
+    for t in (0, 20, 48):
+        changed = codes.clone().flatten(1)
+        changed[:, t] = (changed[:, t] + 1) % 16
+        with torch.no_grad():
+            moved = (prior(changed.view(2, 7, 7), labels) - prior(codes, labels)).abs().amax((0, 1))
+        assert torch.equal(moved.flatten() > 1e-6, torch.arange(49) > t), t
+
+
+def test_transformer_prior_trains_and_samples(trained_run, data_folder):
+    cwd, _ = trained_run
+    run("pixelcnn_prior.py", "--vqvae-model", "models/tiny/best.pt", "--data-folder", data_folder,
+        "--train-subset", "512", "--test-subset", "128", "--num-epochs", "1", "--arch",
+        "transformer", "--num-layers", "2", "--channels", "16", "--heads", "2", "--hold-out", "128",
+        "--output-folder", "prior_transformer", cwd=cwd)
+    prior = load_prior(str(cwd / "models/prior_transformer/best.pt"), "cpu", 32)
+    assert type(prior).__name__ == "CodeTransformer" and prior.null_label == 10
+    run("generate.py", "--model", "models/tiny/best.pt", "--input", "prior", "--prior-model",
+        "models/prior_transformer/best.pt", "--guidance-scale", "2", "--filename", "transformer",
+        cwd=cwd)
+    assert (cwd / "generatedImages" / "transformer.png").exists()
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    from sampling import draw, filter_logits
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().expand(200000, 5)
+    frequencies = torch.bincount(draw(logits), minlength=5) / 200000
+    torch.testing.assert_close(frequencies, probs, atol=5e-3, rtol=0)
+    assert frequencies[4] == 0                        # a code of probability 0 is never drawn
+    kept = lambda **kw: torch.isfinite(filter_logits(probs.log()[None], **kw)[0]).tolist()
+    assert kept(top_k=2) == [True, True, False, False, False]
+    # nucleus: the smallest set holding the mass; 0.5 + 0.3 reaches 0.8, so nothing after
+    assert kept(top_p=0.8) == [True, True, False, False, False]
+    assert kept(top_p=0.81) == [True, True, True, False, False]
+    assert kept(top_p=0.3) == [True, False, False, False, False]
+    assert kept(top_k=3, top_p=1.0) == [True, True, True, False, False]
+
+
+def test_prior_ema_follows_the_weights():
+    from pixelcnn_prior import update_ema
+    prior, average = small("gated_pixelcnn"), small("gated_pixelcnn")
+    before = [p.clone() for p in average.parameters()]
+    update_ema(average, prior, 0.999, step=0)         # step 0: decay ramps to 0.1
+    for p, b, w in zip(average.parameters(), before, prior.parameters()):
+        torch.testing.assert_close(p, b + 0.9 * (w - b))
+    for step in range(1, 3000):
+        update_ema(average, prior, 0.999, step)
+    for p, w in zip(average.parameters(), prior.parameters()):
+        torch.testing.assert_close(p, w, atol=1e-3, rtol=0)
+
+
+def test_prior_training_lowers_nll(trained_prior):
+    cwd, result = trained_prior
+    checkpoint = load_checkpoint(str(cwd / "models" / "prior" / "last.pt"), "prior")
+    assert checkpoint["model_config"]["k"] == 32 and checkpoint["epoch"] == 2
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
+    held_out = [float(line.split("held-out ")[1].split(",")[0]) for line in epochs]
+    test = [float(line.split("test ")[1].split()[0]) for line in epochs]
+    for bits in (held_out, test):
+        assert len(bits) == 2 and bits[1] < bits[0] < 49 * 5  # under the uniform bound 49 log2 32
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(cwd / "logs" / "prior")).Reload()
+    assert {"loss/test/nll_nats_per_map", "loss/test/bits_per_code", "loss/held_out/bits_per_code",
+            "loss/test/bits_per_code_without_ema"} <= set(events.Tags()["scalars"])
+    # best.pt: the epoch of lowest held-out NLL (the test maps only report)
+    best = load_checkpoint(str(cwd / "models" / "prior" / "best.pt"), "prior")
+    assert best["metrics"]["held_out_bits_per_map"] == pytest.approx(min(held_out), abs=0.05)
+    # by default the checkpoint samples with the weights' moving average, keeps the weights to
+    # resume, and the prior learned the null label (label dropout) that guidance needs
+    average, weights = checkpoint["state_dict"], checkpoint["training_state_dict"]
+    assert average.keys() == weights.keys()
+    assert not torch.equal(average["embedding.weight"], weights["embedding.weight"])
+    prior = load_prior(str(cwd / "models" / "prior" / "best.pt"), "cpu", 32)
+    assert prior.null_label == 10
+    torch.testing.assert_close(prior.state_dict()["class_embedding.weight"],
+                               best["state_dict"]["class_embedding.weight"])
+
+
+def test_prior_resume_is_bit_identical(trained_prior, trained_run, tmp_path, data_folder):
+    """A 1-epoch run resumed to 2 epochs equals the shared 2-epoch prior (at a constant learning
+    rate: a cosine schedule spans the epochs the run was started with)."""
+    cwd, _ = trained_prior
+    flags = prior_flags(trained_run, data_folder)
+    run("pixelcnn_prior.py", *flags, "--num-epochs", "1", "--output-folder", "prior", cwd=tmp_path)
+    run("pixelcnn_prior.py", "--resume", "models/prior/last.pt", "--num-epochs", "2",
+        "--data-folder", data_folder, cwd=tmp_path)
+    assert_same_weights(cwd / "models" / "prior" / "last.pt", tmp_path / "models" / "prior" / "last.pt")
+
+
+def test_prior_run_from_before_the_new_flags_resumes_without_them(trained_prior, tmp_path):
+    """A last.pt written before model configs and before --dropout/--label-dropout/--ema-decay/
+    --arch/--hold-out existed (one "config": the command line, where --hidden-size was the
+    channels) loads as the prior it is and resumes as the run it was: a Gated PixelCNN with ten
+    class rows, no dropout, no average, trained on every training map."""
+    import pixelcnn_prior
+    cwd, _ = trained_prior
+    checkpoint = torch.load(cwd / "models" / "prior" / "last.pt", weights_only=True)
+    config = {**checkpoint.pop("run_config"), "k": 32}
+    config["hidden_size"] = config.pop("channels")
+    for key in pixelcnn_prior.BEFORE_FLAGS:
+        del config[key]
+    del checkpoint["model_config"]
+    state_dict = checkpoint.pop("training_state_dict")
+    state_dict["class_embedding.weight"] = state_dict["class_embedding.weight"][:10]
+    checkpoint.update(config=config, state_dict=state_dict,
+                      best_nll=checkpoint.pop("best_score"))
+    save_checkpoint(str(tmp_path / "old.pt"), checkpoint)
+    prior = load_prior(str(tmp_path / "old.pt"), "cpu", 32)
+    assert prior.null_label is None and prior.embedding.embedding_dim == 32
+    args, resumed = pixelcnn_prior.parse_args(["--resume", str(tmp_path / "old.pt")])
+    assert (args.arch, args.dropout, args.label_dropout, args.ema_decay, args.hold_out) == \
+        ("gated_pixelcnn", 0.0, 0.0, 0.0, 0)
+    assert args.channels == 32
+    model = prior_from_config(pixelcnn_prior.model_config(args, 32))
+    load_state(model, resumed["state_dict"], "--resume", "old.pt")

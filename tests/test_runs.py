@@ -1,0 +1,202 @@
+"""The run machinery the three trainers share (runs.TrainingRun): resume, Ctrl-C/SIGTERM, NaN
+stops, overwrite protection, run folders claimed by one run, the random states."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import (CLASSIFIER, CONSTANT_LR, REPO, TINY, assert_clean_failure,
+                      assert_same_weights, interrupt_then_resume, prior_flags, run, run_files,
+                      signal_run_flags)
+
+
+def test_two_runs_of_one_name_cannot_both_write(tmp_path, monkeypatch, capsys):
+    """Two runs started at once under one --output-folder both pass the early check (no
+    checkpoint yet); the claim on models/<name> lets the first in and stops the second in one line."""
+    from runs import prepare_run_folders
+    monkeypatch.chdir(tmp_path)
+    _, model_dir, claim = prepare_run_folders("same", None, False)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_run_folders("same", None, False)
+    assert exit_info.value.code == 2
+    assert "another run is writing to models/same/" in capsys.readouterr().err
+    claim.release()  # the first run ended: the name is free again
+    prepare_run_folders("same", None, False)
+
+
+def test_resume_after_an_epoch_is_bit_identical(trained_run, tmp_path, data_folder):
+    """The shared run's model_1.pt, resumed to 2 epochs, ends where the run itself did."""
+    cwd, _ = trained_run
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    shutil.copy(cwd / "models" / "tiny" / "model_1.pt", tmp_path / "models" / "tiny" / "last.pt")
+    run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--num-epochs", "2",
+        "--data-folder", data_folder, cwd=tmp_path)
+    assert_same_weights(cwd / "models" / "tiny" / "last.pt", tmp_path / "models" / "tiny" / "last.pt")
+    assert_same_weights(cwd / "models" / "tiny" / "model_2.pt",
+                        tmp_path / "models" / "tiny" / "model_2.pt")
+
+
+@pytest.mark.parametrize("signum", [2, 15])  # SIGINT (Ctrl-C), SIGTERM
+def test_signal_saves_last_and_resume_is_bit_identical(uninterrupted_run, tmp_path, data_folder,
+                                                       signum):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "VQ-VAE.py"), "--output-folder",
+                                "cut", *signal_run_flags(data_folder)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert process.stdout.readline().startswith("training")
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    assert "--resume models/cut/last.pt" in stderr
+    cut = torch.load(tmp_path / "models" / "cut" / "last.pt", weights_only=True)
+    assert 0 < cut["step"] < 64  # stopped mid-run, after finishing a step
+    run("VQ-VAE.py", "--resume", "models/cut/last.pt", "--data-folder", data_folder, cwd=tmp_path)
+    assert_same_weights(uninterrupted_run, tmp_path / "models" / "cut" / "last.pt")
+
+
+def test_resume_cannot_stretch_a_cosine_schedule(uninterrupted_run, tmp_path):
+    result = run("VQ-VAE.py", "--resume", uninterrupted_run, "--num-epochs", "3", cwd=tmp_path,
+                 check=False)
+    assert_clean_failure(result, "--num-epochs 3", "cosine")
+    assert not (tmp_path / "models").exists()
+
+
+def test_nan_loss_stops_training_and_keeps_checkpoints(trained_run, data_folder, tmp_path):
+    cwd, _ = trained_run
+    result = run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--num-epochs", "3",
+                 "--data-folder", data_folder, "--log-every", "4", "--lr", "1e30", cwd=cwd,
+                 check=False)
+    assert result.returncode == 2 and "--lr" in result.stderr  # a resume cannot change the lr
+    result = run("VQ-VAE.py", "--output-folder", "nan", "--data-folder", data_folder,
+                 "--lr", "1e30", "--log-every", "4", "--num-epochs", "1", *TINY, cwd=tmp_path,
+                 check=False)
+    assert result.returncode == 1
+    assert "loss became nan at step" in result.stderr and "Traceback" not in result.stderr
+    assert not run_files(tmp_path / "models" / "nan")
+    # A run whose weights turn non-finite after it wrote checkpoints: they stay as they were.
+    shutil.copytree(cwd / "models" / "tiny", tmp_path / "models" / "poisoned")
+    checkpoint = torch.load(tmp_path / "models" / "poisoned" / "last.pt", weights_only=True)
+    checkpoint["state_dict"]["decoder.6.weight"].fill_(float("inf"))
+    torch.save(checkpoint, tmp_path / "models" / "poisoned" / "last.pt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "models" / "poisoned").iterdir()}
+    result = run("VQ-VAE.py", "--resume", "models/poisoned/last.pt", "--num-epochs", "3",
+                 "--data-folder", data_folder, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "loss became nan at step 33" in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "models" / "poisoned").iterdir()} == before
+
+
+def test_existing_run_is_not_overwritten(trained_run, data_folder):
+    cwd, _ = trained_run
+    before = (cwd / "models" / "tiny" / "best.pt").read_bytes()
+    result = run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder, *TINY,
+                 cwd=cwd, check=False)
+    assert_clean_failure(result, "--overwrite", "--resume")
+    assert (cwd / "models" / "tiny" / "best.pt").read_bytes() == before
+
+
+def test_resume_counts_every_typed_flag(trained_run, data_folder, tmp_path):
+    """--num-epochs 10 is the default, but typed it counts: the finished 2-epoch constant-rate run
+    continues (to --max-steps 40); a typed --k 512 that contradicts the run's K 32 is refused,
+    and so is a locked flag's new value."""
+    cwd, _ = trained_run
+    shutil.copytree(cwd / "models" / "tiny", tmp_path / "models" / "tiny")
+    for flag, value in (("--k", "512"), ("--beta", "0.5")):
+        result = run("VQ-VAE.py", "--resume", "models/tiny/last.pt", flag, value,
+                     "--data-folder", data_folder, cwd=tmp_path, check=False)
+        assert_clean_failure(result, f"{flag} {value}", "trained with")
+    run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--num-epochs", "10", "--max-steps", "40",
+        "--data-folder", data_folder, cwd=tmp_path)
+    assert torch.load(tmp_path / "models" / "tiny" / "last.pt", weights_only=True)["step"] == 40
+
+
+def test_resume_rejects_weights_only_checkpoints(tmp_path, data_folder):
+    pretrained = os.path.join(REPO, "models", "pretrained", "prior_mnist.pt")
+    result = run("pixelcnn_prior.py", "--resume", pretrained, "--vqvae-model",
+                 os.path.join(REPO, "models", "pretrained", "vqvae_mnist.pt"), "--data-folder",
+                 data_folder, cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--resume", "optimizer state")
+    bare = torch.load(os.path.join(REPO, "models", "pretrained", "vqvae_mnist.pt"),
+                      weights_only=True)["state_dict"]
+    torch.save(bare, tmp_path / "bare.pt")  # the original's checkpoint format
+    result = run("VQ-VAE.py", "--resume", "bare.pt", "--data-folder", data_folder, cwd=tmp_path,
+                 check=False)
+    assert_clean_failure(result, "--resume bare.pt", "optimizer state")
+    assert not (tmp_path / "models").exists()
+
+
+def test_prior_signal_then_resume_is_bit_identical(trained_prior, trained_run, data_folder,
+                                                  tmp_path):
+    """Ctrl-C in the shared prior's run, then --resume: the shared prior's weights, exactly."""
+    cwd, _ = trained_prior
+    interrupt_then_resume("pixelcnn_prior.py", [*prior_flags(trained_run, data_folder),
+                                                "--num-epochs", "2"], tmp_path, "cut", "prior")
+    assert_same_weights(cwd / "models" / "prior" / "last.pt",
+                        tmp_path / "models" / "cut" / "last.pt")
+
+
+@pytest.mark.parametrize("script", ["pixelcnn_prior.py", "classifier.py"])
+def test_other_trainers_stop_on_nan_without_writing(trained_run, data_folder, tmp_path, script):
+    flags = [*prior_flags(trained_run, data_folder), "--num-epochs", "1"] \
+        if script == "pixelcnn_prior.py" else ["--data-folder", data_folder, "--train-subset",
+                                               "1024", "--hold-out", "256", "--test-subset", "256",
+                                               "--num-epochs", "1"]
+    result = run(script, "--output-folder", "nan", *flags, "--lr", "1e30", "--log-every", "2",
+                 cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "loss became nan at step" in result.stderr
+    assert not run_files(tmp_path / "models" / "nan")
+
+
+def test_classifier_keeps_its_best_epoch_and_resumes_bit_identically(trained_classifier, tmp_path,
+                                                                     data_folder):
+    """best.pt is the epoch of highest accuracy on the held-out training images (the test set
+    only reports); SIGTERM then --resume ends bit-identical to the uninterrupted run."""
+    cwd, result = trained_classifier
+    held_out = [float(line.split()[4]) for line in result.stdout.splitlines()
+                if line.startswith("epoch")]
+    best = torch.load(cwd / "models" / "judge" / "best.pt", weights_only=True)
+    assert len(held_out) == 2 and best["metrics"]["held_out_accuracy"] == max(held_out) > 0.9
+    assert best["metrics"]["test_accuracy"] > 0.9
+    interrupt_then_resume("classifier.py", ["--data-folder", data_folder, *CLASSIFIER], tmp_path,
+                          "judge", "training", signum=15)
+    assert_same_weights(cwd / "models" / "judge" / "last.pt",
+                        tmp_path / "models" / "judge" / "last.pt")
+
+
+@pytest.mark.parametrize("script", ["classifier.py", "pixelcnn_prior.py"])
+def test_other_trainers_refuse_overwrites_and_paths(trained_classifier, trained_run, script):
+    cwd, _ = trained_classifier
+    vqvae = ["--vqvae-model", str(trained_run[0] / "models" / "tiny" / "best.pt")] * \
+        (script == "pixelcnn_prior.py")
+    (cwd / "models" / "taken").mkdir(exist_ok=True)
+    (cwd / "models" / "taken" / "last.pt").write_bytes(b"an earlier run")
+    result = run(script, "--output-folder", "taken", *vqvae, "--data-folder", "nowhere", cwd=cwd,
+                 check=False)
+    assert_clean_failure(result, "--overwrite", "--resume")
+    assert (cwd / "models" / "taken" / "last.pt").read_bytes() == b"an earlier run"
+    for name in ("a/b", "..", "/tmp/x"):
+        result = run(script, "--output-folder", name, *vqvae, "--data-folder", "nowhere",
+                     cwd=cwd, check=False)
+        assert_clean_failure(result, "--output-folder")
+    assert sorted(os.listdir(cwd / "models")) == ["judge", "taken"]  # the checks ran first:
+    assert not (cwd / "nowhere").exists()                             # no data was extracted
+
+
+def test_resume_restores_the_rng_of_the_gpus_present(monkeypatch, capsys):
+    """A checkpoint of a 2-GPU machine resumed on a 1-GPU one: GPU 0 gets its state, GPU 1's is
+    skipped with a warning (set_rng_state_all would fail)."""
+    import runs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(
+        (state.tolist(), index)))
+    runs.restore_cuda_rng([torch.tensor([1], dtype=torch.uint8),
+                              torch.tensor([2], dtype=torch.uint8)])
+    assert restored == [([1], 0)]
+    warning = capsys.readouterr().err
+    assert "2 GPU(s)" in warning and "has 1" in warning
+    runs.restore_cuda_rng([])  # a CPU run's checkpoint: nothing to restore, nothing to say
+    assert restored == [([1], 0)] and capsys.readouterr().err == ""
