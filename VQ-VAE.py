@@ -26,7 +26,8 @@ from cli import (ArgumentParser, decay_float, fail, nonnegative_float, nonnegati
 from data import MNISTSplit
 from image_grids import image_grid
 from modules import VQVAEConfig, vqvae_from_config
-from runs import TrainingRun, end_distributed, parse_run_args, seed_everything, typed_flags
+from runs import (TrainingRun, add_run_flags, end_distributed, parse_run_args, seed_everything,
+                  typed_flags)
 from training import (LR_SCHEDULES, code_usage, evaluate_vqvae, make_optimizer, make_precision,
                       make_scheduler, maybe_compile, train_step)
 from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, GRADIENTS
@@ -86,14 +87,8 @@ def build_parser():
                         "with loss scaling on older GPUs (T4, V100); float32 with a warning on "
                         "other CPUs. The quantizer's distances and EMA statistics stay float32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g = p.add_argument_group("runs")
-    g.add_argument("--resume", default=None, help="continue from a last.pt checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace an earlier run of this name")
-    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps")
-    g.add_argument("--train-subset", type=positive_int, default=None, help="first N training images")
-    g.add_argument("--test-subset", type=positive_int, default=None, help="first N test images")
-    g.add_argument("--log-every", type=positive_int, default=50,
-                   help="steps between host syncs (per-step scalars are still all written)")
+    add_run_flags(p, "images").add_argument("--max-steps", type=positive_int, default=None,
+                                            help="stop after this many steps")
     return p
 
 

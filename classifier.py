@@ -19,7 +19,7 @@ from tqdm import tqdm
 from cli import ArgumentParser, fail, nonnegative_int, positive_float, positive_int, resolve_device
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
 from judges import JUDGES, JudgeConfig, judge_from_config
-from runs import TrainingRun, parse_run_args, seed_everything
+from runs import TrainingRun, add_run_flags, parse_run_args, seed_everything
 from training import make_optimizer
 
 LOCKED_ON_RESUME = ("arch", "num_epochs", "batch_size", "lr", "seed", "train_subset",  # one-cycle
@@ -46,15 +46,7 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak of the one-cycle rate")
     p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--train-subset", type=positive_int, default=None,
-                   help="the first N of the training images")
-    p.add_argument("--hold-out", type=nonnegative_int, default=HOLD_OUT,
-                   help="the last N training images are not trained on: their accuracy chooses "
-                        "best.pt")
-    p.add_argument("--test-subset", type=positive_int, default=None, help="first N test images")
-    p.add_argument("--resume", default=None, help="continue from a last.pt of this script")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run of this name")
-    p.add_argument("--log-every", type=positive_int, default=50)
+    add_run_flags(p, "images", HOLD_OUT)
     return p
 
 

@@ -18,8 +18,8 @@ import os
 import torch
 
 from checkpoints import load_prior, load_vqvae, save_checkpoint
-from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, resolve_device, unit_float, vqvae_sizes)
+from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_int, positive_float,
+                 positive_int, resolve_device, vqvae_sizes)
 from data import MNISTSplit, to_uint8
 from files import make_output_dirs
 from image_grids import save_grid

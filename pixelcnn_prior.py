@@ -25,7 +25,7 @@ from cli import (ArgumentParser, add_vqvae_size_flags, fail, fraction, nonnegati
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
 from image_grids import image_grid
 from priors import PRIORS, prior_from_config, saved_config
-from runs import TrainingRun, parse_run_args, seed_everything
+from runs import TrainingRun, add_run_flags, parse_run_args, seed_everything
 from training import LR_SCHEDULES, make_optimizer, make_scheduler
 
 TRAIN_SCALARS = ("loss/train/nll_nats_per_map", "loss/train/bits_per_code")
@@ -94,15 +94,7 @@ def build_parser():
                         "weights themselves")
     p.add_argument("--output-folder", default="prior")
     p.add_argument("--seed", type=nonnegative_int, default=0)
-    p.add_argument("--resume", default=None, help="continue from a last.pt of this script")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run of this name")
-    p.add_argument("--train-subset", type=positive_int, default=None,
-                   help="the first N of the training maps")
-    p.add_argument("--hold-out", type=nonnegative_int, default=HOLD_OUT,
-                   help="the last N training maps are not trained on: their NLL chooses best.pt "
-                        "(0: train on all, best.pt is the last epoch)")
-    p.add_argument("--test-subset", type=positive_int, default=None)
-    p.add_argument("--log-every", type=positive_int, default=50)
+    add_run_flags(p, "maps", HOLD_OUT)  # --hold-out 0: train on all, best.pt is the last epoch
     add_vqvae_size_flags(p)
     return p
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from checkpoints import (load_optimizer_state, load_resume_checkpoint, load_state, run_settings,
                          save_checkpoint)
-from cli import fail
+from cli import fail, nonnegative_int, positive_int
 from files import claim_folder, make_output_dirs
 
 
@@ -52,6 +52,26 @@ def prepare_run_folders(name, resume, overwrite, rank=0):
                 glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
             os.remove(path)
     return log_dir, model_dir, claim
+
+
+def add_run_flags(parser, examples, hold_out=None):
+    """The flags every trainer has (--resume, --overwrite, --train-subset, --test-subset,
+    --log-every), and with `hold_out` (its default) --hold-out: `examples` names what is trained
+    on ("images", "maps") and `hold_out` chooses best.pt."""
+    g = parser.add_argument_group("runs")
+    g.add_argument("--resume", default=None, help="continue from a last.pt of this script")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier run of this name")
+    g.add_argument("--train-subset", type=positive_int, default=None,
+                   help=f"the first N training {examples}")
+    if hold_out is not None:
+        g.add_argument("--hold-out", type=nonnegative_int, default=hold_out,
+                       help=f"the last N training {examples} are not trained on: they choose "
+                            f"best.pt")
+    g.add_argument("--test-subset", type=positive_int, default=None,
+                   help=f"the first N test {examples}")
+    g.add_argument("--log-every", type=positive_int, default=50,
+                   help="steps between host syncs (per-step scalars are still all written)")
+    return g
 
 
 def parse_run_args(parser, kind, locked, argv=None, renamed=None):

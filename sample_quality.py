@@ -62,6 +62,8 @@ def build_parser():
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=unit_float, default=1.0)
     p.add_argument("--data-folder", default="data")
+    p.add_argument("--test-subset", type=positive_int, default=None,
+                   help="the Frechet reference: the first N test images (default: all 10,000)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--json", action="store_true")
@@ -121,7 +123,7 @@ def main():
               for path in args.classifiers}
     n = args.num_samples
     train = MNISTSplit(args.data_folder, True, device)
-    test = MNISTSplit(args.data_folder, False, device)
+    test = MNISTSplit(args.data_folder, False, device, limit=args.test_subset)
     held_out = slice(TRAIN_IMAGES - HOLD_OUT, TRAIN_IMAGES - HOLD_OUT + n)
     labels = torch.arange(n, device=device) % 10
     with torch.no_grad():

@@ -118,21 +118,22 @@ def assert_same_weights(path_a, path_b):
 
 @pytest.fixture(scope="session")
 def uninterrupted_run(tmp_path_factory, data_folder):
-    """A 2-epoch run of 64 steps: the reference for interrupted-and-resumed runs."""
+    """A 2-epoch run of 32 steps at the default cosine rate: the reference for interrupted and
+    resumed runs."""
     cwd = tmp_path_factory.mktemp("whole")
     run("VQ-VAE.py", "--output-folder", "whole", *signal_run_flags(data_folder), cwd=cwd)
     return cwd / "models" / "whole" / "last.pt"
 
 
 def signal_run_flags(data_folder):
-    return ["--data-folder", data_folder, "--num-epochs", "2", *TINY, "--train-subset", "2048"]
+    return ["--data-folder", data_folder, "--num-epochs", "2", *TINY]
 
 
 def prior_flags(trained_run, data_folder):
     """A tiny prior over the shared VQ-VAE's codes, at a constant rate (resumable for more epochs)."""
     cwd, _ = trained_run
     return ["--vqvae-model", str(cwd / "models" / "tiny" / "best.pt"), "--data-folder",
-            data_folder, "--train-subset", "2048", "--hold-out", "256", "--test-subset", "256",
+            data_folder, "--train-subset", "1024", "--hold-out", "256", "--test-subset", "256",
             "--num-layers", "4", "--channels", "32", "--lr-schedule", "constant"]
 
 
@@ -163,7 +164,7 @@ def interrupt_then_resume(script, flags, cwd, name, first_line, signum=2):
     return cut
 
 
-CLASSIFIER = ["--train-subset", "3072", "--hold-out", "1000", "--test-subset", "500",
+CLASSIFIER = ["--train-subset", "2048", "--hold-out", "500", "--test-subset", "500",
               "--num-epochs", "2", "--seed", "1"]
 
 

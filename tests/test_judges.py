@@ -13,7 +13,7 @@ def test_sample_quality_reports_every_source(trained_prior, data_folder):
     cwd, _ = trained_prior
     result = run("sample_quality.py", "--model", "models/tiny/best.pt", "--prior-model",
                  "models/prior/best.pt", "--num-samples", "200", "--guidance-scales", "1", "3",
-                 "--data-folder", data_folder, "--json", cwd=cwd)
+                 "--data-folder", data_folder, "--test-subset", "1000", "--json", cwd=cwd)
     rows = {row["source"]: row for row in json.loads(result.stdout)}
     assert len(rows) == 8 and all(row["images"] == 200 for row in rows.values())
     assert {"prior, guidance 1, temperature 1", "prior, guidance 3, temperature 1"} <= rows.keys()

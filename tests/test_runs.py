@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import (CLASSIFIER, CONSTANT_LR, REPO, TINY, assert_clean_failure,
+from conftest import (CLASSIFIER, REPO, TINY, assert_clean_failure,
                       assert_same_weights, interrupt_then_resume, prior_flags, run, run_files,
                       signal_run_flags)
 
@@ -52,7 +52,7 @@ def test_signal_saves_last_and_resume_is_bit_identical(uninterrupted_run, tmp_pa
     assert process.returncode == 128 + signum, stderr[-2000:]
     assert "--resume models/cut/last.pt" in stderr
     cut = torch.load(tmp_path / "models" / "cut" / "last.pt", weights_only=True)
-    assert 0 < cut["step"] < 64  # stopped mid-run, after finishing a step
+    assert 0 < cut["step"] < 32  # stopped mid-run, after finishing a step
     run("VQ-VAE.py", "--resume", "models/cut/last.pt", "--data-folder", data_folder, cwd=tmp_path)
     assert_same_weights(uninterrupted_run, tmp_path / "models" / "cut" / "last.pt")
 
@@ -158,8 +158,8 @@ def test_classifier_keeps_its_best_epoch_and_resumes_bit_identically(trained_cla
     held_out = [float(line.split()[4]) for line in result.stdout.splitlines()
                 if line.startswith("epoch")]
     best = torch.load(cwd / "models" / "judge" / "best.pt", weights_only=True)
-    assert len(held_out) == 2 and best["metrics"]["held_out_accuracy"] == max(held_out) > 0.9
-    assert best["metrics"]["test_accuracy"] > 0.9
+    assert len(held_out) == 2 and best["metrics"]["held_out_accuracy"] == max(held_out) > 0.85
+    assert best["metrics"]["test_accuracy"] > 0.8
     interrupt_then_resume("classifier.py", ["--data-folder", data_folder, *CLASSIFIER], tmp_path,
                           "judge", "training", signum=15)
     assert_same_weights(cwd / "models" / "judge" / "last.pt",

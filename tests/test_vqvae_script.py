@@ -1,7 +1,6 @@
 """VQ-VAE.py and evaluate.py end to end, as a user runs them: files, TensorBoard, reproducibility,
 the original's configuration, bad flags."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (CONSTANT_LR, REPO, ORIGINAL_CONFIGURATION, TINY, assert_clean_failure,
+from conftest import (CONSTANT_LR, ORIGINAL_CONFIGURATION, TINY, assert_clean_failure,
                       assert_same_weights, run, run_files)
 
 
