@@ -99,7 +99,7 @@ class CodeTransformer(nn.Module):
 
     @torch.no_grad()
     def sample(self, labels, temperature=1.0, guidance_scale=1.0, top_k=None, top_p=1.0,
-               return_logits=False):
+               guidance_interval=None, return_logits=False):
         """labels (B,) -> codes (B, H, W), one token at a time; each block keeps the keys and
         values of the tokens so far, so a step runs the network on one token. The options are
         GatedPixelCNN.sample's (`sampling.next_codes`)."""
@@ -117,7 +117,8 @@ class CodeTransformer(nn.Module):
             for block, cache in zip(self.blocks, caches):
                 x = block(x, cache, t)
             logits, codes[:, t] = next_codes(self.head(self.norm(x[:, 0])).float(),
-                                             guidance_scale, temperature, top_k, top_p)
+                                             guidance_scale, temperature, top_k, top_p,
+                                             guidance_interval, position=t)
             all_logits.append(logits)                                            # (B, K)
             if t + 1 < H * W:
                 x = (self.code_embedding(codes[:, t]).repeat(N // B, 1) + self.position[t + 1])[:, None]

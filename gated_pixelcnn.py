@@ -141,7 +141,7 @@ class GatedPixelCNN(nn.Module):
 
     @torch.no_grad()
     def sample(self, labels, temperature=1.0, guidance_scale=1.0, top_k=None, top_p=1.0,
-               return_logits=False):
+               guidance_interval=None, return_logits=False):
         """labels (B,) -> codes (B, H, W), one position at a time in raster order (in eval mode).
 
         Each layer's inputs are cached as they are produced, so every position costs one pass of
@@ -163,8 +163,9 @@ class GatedPixelCNN(nn.Module):
             vertical_terms = self._vertical_row(v_in, biases, i)
             h_in = [v_in[0].new_zeros(N, l.half + W, C) for l in self.layers]   # this row's
             for j in range(W):
-                logits, codes[:, i, j] = next_codes(self._logits_at(h_in, vertical_terms, j),
-                                                    guidance_scale, temperature, top_k, top_p)
+                logits, codes[:, i, j] = next_codes(
+                    self._logits_at(h_in, vertical_terms, j), guidance_scale, temperature, top_k,
+                    top_p, guidance_interval, position=i * W + j)
                 all_logits.append(logits)                                    # (B, K)
                 embedded = self.embedding(codes[:, i, j]).repeat(N // B, 1)
                 h_in[0][:, first + j] = embedded

@@ -60,7 +60,8 @@ def main():
     model, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, model.codeBook.K) if args.input == "prior" else None
     sampler = {"temperature": args.temperature, **sampler_options(
-        prior, args.prior_model, args.guidance_scale, args.top_k, args.top_p)} if prior else None
+        prior, args.prior_model, args.guidance_scale, args.top_k, args.top_p,
+        args.guidance_interval)} if prior else None
 
     def digits(n):
         labels = torch.arange(n, device=device) % 10 if args.digit is None else \

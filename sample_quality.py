@@ -1,48 +1,42 @@
-"""Measure generated digits with two differently built classifiers as judges.
+"""Measure generated digits against what a perfect prior would give, under several judges.
 
     python sample_quality.py --model models/pretrained/vqvae_mnist.pt \\
-        --prior-model models/pretrained/prior_mnist.pt [--guidance-scales 1 2] [--temperatures 1 0.7]
+        --prior-model models/pretrained/prior_mnist.pt [--guidance-scales 1 2] [--temperatures 1 0.7] \\
+        [--guidance-interval 0 21]
 
-Each judge (--classifiers; default the repo's CNN and pixel-MLP judges) reports, for each source of
-N images (default 10,000): (a) class agreement, how often it predicts the digit that was asked for
-(real images: their true label); (b) the Frechet distance between its 128-d penultimate features
-of the source and of the 10,000 test images (torchmetrics' FID with the judge as the feature
-network); (c) the Inception-style score exp(E KL(p(y|x) || p(y))) (--json only). The sources: three
-baselines, the VQ-VAE's reconstructions of held-out training images (the ceiling for a prior,
-whose samples the same decoder draws), the prior at every guidance scale x temperature, held-out
-real training images (the floor) and the test images themselves.
+A perfect prior over the training codes would draw, through the same decoder, what the VQ-VAE's
+reconstructions of training images look like. So the reference is the reconstructions of the
+held-out training images 50,000.. (a prior trained with --hold-out never saw them; one trained on
+all 60,000, like the committed prior, did: the output says so), and every figure has its floor:
+the same figure for reconstructions of another, disjoint slice (training images 40,000..), what a
+perfect prior scores at this sample size. Per source of N images (default 10,000) and per judge
+(--classifiers; default the three committed judges): class agreement (real images: their label);
+in the judge's 128-d features, the Frechet distance and the kernel distance (KID) to the
+reference, improved precision and recall (Kynkaanniemi et al. 2019: recall falls when variety is
+lost), and the Frechet distance to the test images; per source, a two-sample test: the held-out
+accuracy of a fresh small CNN trained to tell the source from the reference (50% at best).
 """
+import argparse
 import json
 import os
-import warnings
 
 import torch
-import torch.nn as nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.inception import InceptionScore
 
-from checkpoints import load_classifier, load_prior, load_vqvae
+from checkpoints import load_checkpoint, load_classifier, load_prior, load_vqvae, run_settings
 from cli import (ArgumentParser, add_vqvae_size_flags, nonnegative_float, nonnegative_int,
                  positive_float, positive_int, resolve_device, unit_float, vqvae_sizes)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, normalize, to_uint8
+from distribution_measures import (frechet_distance, kernel_distance, precision_recall,
+                                   two_sample_accuracy)
 from sampling import sample_prior, sampler_options
 from vector_quantizer import count_codes
 
-JUDGES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained", name)
-          for name in ("classifier.pt", "classifier_mlp.pt")]
-
-
-class Judge(nn.Module):
-    """uint8 images (N, 1, 28, 28) -> the classifier's penultimate features, or its logits."""
-
-    def __init__(self, classifier, logits=False):
-        super().__init__()
-        self.classifier, self.logits = classifier, logits
-        self.num_features = classifier.num_features
-
-    def forward(self, images):
-        x = normalize(images[:, 0])
-        return self.classifier(x) if self.logits else self.classifier.features(x)
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained")
+JUDGES = [os.path.join(PRETRAINED, name)
+          for name in ("classifier.pt", "classifier_mlp.pt", "classifier_aug.pt")]
+REFERENCE_START = TRAIN_IMAGES - HOLD_OUT          # reconstructions of 50,000.. : the reference
+FLOOR_START = REFERENCE_START - HOLD_OUT           # of 40,000.. : a perfect prior's own figures
+FLOOR = "floor: VQ-VAE reconstructions of training images 40,000.. (a perfect prior)"
 
 
 def in_batches(fn, tensor, batch_size=1000):
@@ -54,16 +48,22 @@ def build_parser():
     p.add_argument("--model", required=True, help="VQ-VAE checkpoint")
     p.add_argument("--prior-model", required=True)
     p.add_argument("--classifiers", "--classifier", nargs="+", default=JUDGES, metavar="CKPT",
-                   help="judges written by classifier.py (default: the CNN and the MLP judge)")
+                   help="judges written by classifier.py (default: the committed CNN, MLP and "
+                        "augmented-CNN judges)")
     p.add_argument("--num-samples", type=positive_int, default=10000)
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also judge noise and codes drawn uniformly or from their histogram "
+                        "(--no-baselines: the floor, the real images and the prior only)")
     p.add_argument("--guidance-scales", type=nonnegative_float, nargs="+", default=[None],
                    metavar="S", help="default: generate.py's default for this prior")
     p.add_argument("--temperatures", type=positive_float, nargs="+", default=[1.0])
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=unit_float, default=1.0)
+    p.add_argument("--guidance-interval", type=nonnegative_int, nargs=2, default=None,
+                   metavar=("START", "STOP"), help="guide only these raster positions")
     p.add_argument("--data-folder", default="data")
     p.add_argument("--test-subset", type=positive_int, default=None,
-                   help="the Frechet reference: the first N test images (default: all 10,000)")
+                   help="the test images compared with: the first N (default: all 10,000)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--json", action="store_true")
@@ -71,92 +71,121 @@ def build_parser():
     return p
 
 
-def baseline_sources(vqvae, train, held_out, device):
-    """Images any prior should beat, and the decoder's own ceiling -> {name: (uint8 images
-    (n, 1, 28, 28), requested labels or None)}, n the length of the held_out slice."""
-    K, n = vqvae.codeBook.K, held_out.stop - held_out.start
-    histogram = count_codes(in_batches(vqvae.encode, normalize(train.images[:n])), K)
-    return {
-        "seed `--input random` (noise through the VQ-VAE)": (to_uint8(in_batches(
-            lambda x: vqvae(x)[0], torch.normal(0.5, 0.5, (n, 1, 28, 28), device=device))), None),
-        "codes drawn uniformly": (to_uint8(in_batches(
-            vqvae.decode, torch.randint(K, (n, 7, 7), device=device))), None),
-        "codes drawn from their training histogram": (to_uint8(in_batches(
-            vqvae.decode, torch.multinomial(histogram, n * 49, replacement=True).view(n, 7, 7))),
-            None),
-        "VQ-VAE reconstructions of held-out training images (the prior's ceiling)": (
-            to_uint8(in_batches(lambda x: vqvae(x)[0], normalize(train.images[held_out]))),
-            train.labels[held_out]),
-    }
+def reconstructions(vqvae, images):
+    return to_uint8(in_batches(lambda x: vqvae(x)[0], normalize(images)))
+
+
+def baseline_sources(vqvae, train, n, device, baselines=True):
+    """Images any prior should beat (`baselines`), then a perfect prior's -> {name: (uint8
+    images (n, 1, 28, 28), requested labels or None)}."""
+    sources, K = {}, vqvae.codeBook.K
+    if baselines:
+        histogram = count_codes(in_batches(vqvae.encode, normalize(train.images[:n])), K)
+        sources = {
+            "original `--input random` (noise through the VQ-VAE)": (to_uint8(in_batches(
+                lambda x: vqvae(x)[0], torch.normal(0.5, 0.5, (n, 1, 28, 28), device=device))),
+                None),
+            "codes drawn uniformly": (to_uint8(in_batches(
+                vqvae.decode, torch.randint(K, (n, 7, 7), device=device))), None),
+            "codes drawn from their training histogram": (to_uint8(in_batches(
+                vqvae.decode, torch.multinomial(histogram, n * 49, replacement=True)
+                .view(n, 7, 7))), None)}
+    floor = slice(FLOOR_START, FLOOR_START + n)
+    sources[FLOOR] = (reconstructions(vqvae, train.images[floor]), train.labels[floor])
+    return sources
 
 
 @torch.no_grad()
-def judge_sources(classifier, sources, test_images):
-    """-> {source name: {agreement, frechet_distance, inception_score}} under one judge."""
-    fid = FrechetInceptionDistance(feature=Judge(classifier), reset_real_features=False)
-    fid = fid.to(test_images.device)
-    for chunk in test_images.split(1000):
-        fid.update(chunk, real=True)
+def judge_sources(classifier, sources, reference, test_images):
+    """-> {source name: {agreement, frechet_distance, kid, precision, recall, frechet_to_test}}
+    under one judge; the distances are to the reference images, in the judge's features."""
+    features = lambda images: in_batches(lambda x: classifier.features(normalize(x[:, 0])),  # noqa: E731
+                                         images)
+    reference_features, test_features = features(reference), features(test_images)
     results = {}
     for name, (images, wanted) in sources.items():
-        fid.reset()
-        for chunk in images.split(1000):
-            fid.update(chunk, real=False)
-        score = InceptionScore(feature=Judge(classifier, logits=True)).to(images.device)
-        score.update(images)
-        predicted = in_batches(Judge(classifier, logits=True), images).argmax(1)
+        mine = features(images)
+        predicted = in_batches(lambda x: classifier(normalize(x[:, 0])), images).argmax(1)
+        precision, recall = precision_recall(reference_features, mine)
         results[name] = {"agreement": None if wanted is None else
                          (predicted == wanted).float().mean().item(),
-                         "frechet_distance": fid.compute().item(),
-                         "inception_score": score.compute()[0].item()}
+                         "frechet_distance": frechet_distance(mine, reference_features),
+                         "kid": kernel_distance(mine, reference_features),
+                         "precision": precision, "recall": recall,
+                         "frechet_to_test": frechet_distance(mine, test_features)}
     return results
+
+
+def prior_saw_the_reference(path):
+    """Whether the prior trained on the reference images (trained before --hold-out, or with 0)."""
+    return run_settings(load_checkpoint(path, "prior", "--prior-model")).get("hold_out", 0) == 0
 
 
 def main():
     args = build_parser().parse_args()
-    warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     vqvae, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, vqvae.codeBook.K)
     judges = {os.path.splitext(os.path.basename(path))[0]: load_classifier(path, device)
               for path in args.classifiers}
-    n = args.num_samples
+    n = min(args.num_samples, HOLD_OUT)
     train = MNISTSplit(args.data_folder, True, device)
     test = MNISTSplit(args.data_folder, False, device, limit=args.test_subset)
-    held_out = slice(TRAIN_IMAGES - HOLD_OUT, TRAIN_IMAGES - HOLD_OUT + n)
     labels = torch.arange(n, device=device) % 10
+    held_out = slice(REFERENCE_START, REFERENCE_START + n)
     with torch.no_grad():
-        sources = baseline_sources(vqvae, train, held_out, device)
+        reference = reconstructions(vqvae, train.images[held_out])
+        sources = baseline_sources(vqvae, train, n, device, args.baselines)
         for scale in args.guidance_scales:
-            sampler = sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p)
+            sampler = sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p,
+                                      args.guidance_interval)
             for t in args.temperatures:
                 name = f"prior, guidance {sampler['guidance_scale']:g}, temperature {t:g}" + \
+                    (f", positions {args.guidance_interval[0]}-{args.guidance_interval[1] - 1}"
+                     if args.guidance_interval else "") + \
                     (f", top-k {args.top_k}" if args.top_k else "") + \
                     (f", top-p {args.top_p:g}" if args.top_p < 1 else "")
                 sources[name] = (
                     to_uint8(sample_prior(prior, vqvae, labels, temperature=t, **sampler)), labels)
-        sources["real: held-out training images (floor)"] = (
-            train.images[held_out].unsqueeze(1), train.labels[held_out])
-        sources["real: test images (the reference itself)"] = (
-            test.images[:n].unsqueeze(1), test.labels[:n])
+        floor = slice(FLOOR_START, FLOOR_START + n)
+        sources["real: training images 40,000.. (the floor's originals)"] = (
+            train.images[floor].unsqueeze(1), train.labels[floor])
     test_images = test.images.unsqueeze(1)
-    by_judge = {name: judge_sources(c, sources, test_images) for name, c in judges.items()}
+    by_judge = {name: judge_sources(c, sources, reference, test_images)
+                for name, c in judges.items()}
     rows = [{"source": name, "images": len(images),
+             "two_sample_accuracy": two_sample_accuracy(images.cpu(), reference.cpu()),
              "judges": {judge: by_judge[judge][name] for judge in judges}}
             for name, (images, _) in sources.items()]
+    report = {"reference": f"VQ-VAE reconstructions of training images {REFERENCE_START:,}..",
+              "prior_saw_the_reference": prior_saw_the_reference(args.prior_model),
+              "floor": FLOOR, "rows": rows}
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps(report))
         return
-    print("| source | " + " | ".join(f"agreement ({j}) | Frechet ({j})" for j in judges) + " |")
-    print("| --- |" + " --- | --- |" * len(judges))
-    for row in rows:
-        cells = []
-        for figures in row["judges"].values():
-            agreement = figures["agreement"]
-            cells += ["—" if agreement is None else f"{100 * agreement:.1f}%",
-                      f"{figures['frechet_distance']:.2f}"]
-        print(f"| {row['source']} | " + " | ".join(cells) + " |")
+    print_tables(report, list(judges))
+
+
+def print_tables(report, judges):
+    """One markdown table per judge, each figure beside the floor's, and the two-sample test."""
+    floor = next(row for row in report["rows"] if row["source"] == report["floor"])
+    print(f"reference: {report['reference']}" + (" (the prior trained on them)"
+                                                  if report["prior_saw_the_reference"] else ""))
+    for judge in judges:
+        low = floor["judges"][judge]
+        print(f"\n{judge}: figure (floor: {report['floor'].split(':')[0]})")
+        print("| source | agreement | Frechet | KID | precision | recall | Frechet to test | "
+              "two-sample |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for row in report["rows"]:
+            mine = row["judges"][judge]
+            agreement = "—" if mine["agreement"] is None else f"{100 * mine['agreement']:.1f}%"
+            print(f"| {row['source']} | {agreement} | {mine['frechet_distance']:.2f} "
+                  f"({low['frechet_distance']:.2f}) | {mine['kid']:.4f} ({low['kid']:.4f}) | "
+                  f"{mine['precision']:.3f} ({low['precision']:.3f}) | {mine['recall']:.3f} "
+                  f"({low['recall']:.3f}) | {mine['frechet_to_test']:.2f} | "
+                  f"{100 * row['two_sample_accuracy']:.1f}% "
+                  f"({100 * floor['two_sample_accuracy']:.1f}%) |")
 
 
 if __name__ == "__main__":

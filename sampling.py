@@ -5,7 +5,7 @@ benchmark.py.
 """
 import torch
 
-from cli import fail, nonnegative_float, positive_int, unit_float
+from cli import fail, nonnegative_float, nonnegative_int, positive_int, unit_float
 
 # generate.py's default --guidance-scale, measured in RESULTS.md "The prior": the scale at which the
 # committed prior's samples at temperature 1.0 are judged best by the repo's two judges.
@@ -22,16 +22,21 @@ def with_null_half(prior, labels, guidance_scale):
     return torch.cat([labels, torch.full_like(labels, prior.null_label)])
 
 
-def next_codes(logits, guidance_scale=1.0, temperature=1.0, top_k=None, top_p=1.0):
+def next_codes(logits, guidance_scale=1.0, temperature=1.0, top_k=None, top_p=1.0,
+               guidance_interval=None, position=0):
     """logits (N, K) float32 for one position, the null-label half after the conditional one when
     guiding -> (the guided logits (B, K), the codes drawn from them (B,)).
 
     Guidance mixes conditional c and unconditional u logits as u + s (c - u) (Ho and Salimans
-    2022, "Classifier-Free Diffusion Guidance", eq. 6, applied to logits); then temperature, then
-    top-k / nucleus filtering."""
+    2022, "Classifier-Free Diffusion Guidance", eq. 6, applied to logits); with a
+    `guidance_interval` (start, stop) of raster positions, only there (Kynkaanniemi et al. 2024
+    guide a limited interval of noise levels; here, of positions): elsewhere the conditional
+    logits alone. Then temperature, then top-k / nucleus filtering."""
     if guidance_scale != 1.0:
         conditional, unconditional = logits.chunk(2)
-        logits = unconditional + guidance_scale * (conditional - unconditional)
+        start, stop = guidance_interval or (0, float("inf"))
+        logits = unconditional + guidance_scale * (conditional - unconditional) \
+            if start <= position < stop else conditional
     return logits, draw(filter_logits(logits / temperature, top_k, top_p))
 
 
@@ -66,21 +71,29 @@ def add_sampler_flags(parser):
                              "unconditional u and conditional c; 1 is none. Default "
                              f"{DEFAULT_GUIDANCE_SCALE} (measured: RESULTS.md), 1 for a prior "
                              "trained without --label-dropout")
+    parser.add_argument("--guidance-interval", type=nonnegative_int, nargs=2, default=None,
+                        metavar=("START", "STOP"),
+                        help="guide only raster positions START <= t < STOP of the 49 (default: "
+                             "all); the others sample from the conditional prior")
     parser.add_argument("--top-k", type=positive_int, default=None,
                         help="sample among the K most likely codes only")
     parser.add_argument("--top-p", type=unit_float, default=1.0,
                         help="nucleus sampling: among the most likely codes holding this mass")
 
 
-def sampler_options(prior, prior_path, scale=None, top_k=None, top_p=1.0):
+def sampler_options(prior, prior_path, scale=None, top_k=None, top_p=1.0, interval=None):
     """The sampler flags (--guidance-scale None: the default for this prior) -> keyword arguments
     of the prior's `sample` (temperature aside)."""
+    if interval is not None and not interval[0] < interval[1] <= 49:
+        fail(f"--guidance-interval {interval[0]} {interval[1]}: expected START < STOP <= 49 "
+             "(raster positions of the 7x7 code map)")
     if scale is None:
         scale = DEFAULT_GUIDANCE_SCALE if prior.null_label is not None else 1.0
     elif scale != 1.0 and prior.null_label is None:
         fail(f"--guidance-scale {scale}: --prior-model {prior_path} was trained without "
              "--label-dropout, so it has no unconditional half to guide with (use 1)")
-    return {"guidance_scale": scale, "top_k": top_k, "top_p": top_p}
+    return {"guidance_scale": scale, "top_k": top_k, "top_p": top_p,
+            "guidance_interval": tuple(interval) if interval else None}
 
 
 def sample_prior(prior, vqvae, labels, batch_size=1000, **sampler):

@@ -35,8 +35,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_committed_checkpoints_load_and_resume(tmp_path, data_folder):
-    """The four committed files predate model configs (one "config": the command line): each
-    loads as the model it is, and the committed VQ-VAE still resumes, finding its run complete."""
+    """Four committed files predate model configs (one "config": the command line): each loads as
+    the model it is, and the committed VQ-VAE still resumes, finding its run complete."""
     vqvae, checkpoint = load_vqvae(os.path.join(PRETRAINED, "vqvae_mnist.pt"), "cpu")
     assert "model_config" not in checkpoint and checkpoint["config"]["k"] == 512
     assert vqvae.codeBook.codebook == "ema" and vqvae.codeBook.dead_code_threshold == 6.0
@@ -47,6 +47,8 @@ def test_committed_checkpoints_load_and_resume(tmp_path, data_folder):
         "MNISTClassifier"
     assert type(load_classifier(os.path.join(PRETRAINED, "classifier_mlp.pt"), "cpu")).__name__ \
         == "MNISTMLPClassifier"
+    assert type(load_classifier(os.path.join(PRETRAINED, "classifier_aug.pt"), "cpu")).__name__ \
+        == "MNISTClassifier"  # the third judge: written with model_config
     result = run("VQ-VAE.py", "--resume", os.path.join(PRETRAINED, "vqvae_mnist.pt"),
                  "--output-folder", "committed", "--data-folder", data_folder, cwd=tmp_path)
     assert "is complete: 10 of 10 epochs" in result.stdout

@@ -71,7 +71,7 @@ def test_generate_digit_draws_that_digit(tmp_path, data_folder):
 
 
 @pytest.mark.parametrize("case", ["missing", "digit", "temperature", "other_k", "vqvae_as_prior",
-                                  "guidance_without_null_label", "top_p"])
+                                  "guidance_without_null_label", "top_p", "guidance_interval"])
 def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
     cwd, _ = trained_prior
     vqvae, prior = str(cwd / "models/tiny/best.pt"), str(cwd / "models/prior/best.pt")
@@ -95,6 +95,8 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
         "guidance_without_null_label": (["--prior-model", prior, "--guidance-scale", "2"],
                                         ["--guidance-scale", "--label-dropout"]),
         "top_p": (["--prior-model", prior, "--top-p", "1.5"], ["--top-p"]),
+        "guidance_interval": (["--prior-model", prior, "--guidance-interval", "30", "20"],
+                              ["--guidance-interval 30 20", "START < STOP"]),
     }[case]
     result = run("generate.py", "--model", vqvae, "--input", "prior", *args, cwd=tmp_path,
                  check=False)

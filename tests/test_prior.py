@@ -79,6 +79,15 @@ def test_prior_conditioning_and_sampling(arch):
         sampled, logits = prior.sample(labels, guidance_scale=2.5, return_logits=True)
         u, c = prior(sampled, torch.full_like(labels, 10)), prior(sampled, labels)
         torch.testing.assert_close(logits, u + 2.5 * (c - u), atol=1e-4, rtol=1e-4)
+        # guided on raster positions 0-19 only: the conditional logits alone after them
+        sampled, logits = prior.sample(labels, guidance_scale=2.5, guidance_interval=(0, 20),
+                                       return_logits=True)
+        u, c = prior(sampled, torch.full_like(labels, 10)), prior(sampled, labels)
+        guided = (u + 2.5 * (c - u)).flatten(2)
+        torch.testing.assert_close(logits.flatten(2)[..., :20], guided[..., :20], atol=1e-4,
+                                   rtol=1e-4)
+        torch.testing.assert_close(logits.flatten(2)[..., 20:], c.flatten(2)[..., 20:], atol=1e-4,
+                                   rtol=1e-4)
         greedy = prior.sample(labels, temperature=1e-6)
         assert torch.equal(prior(greedy, labels).argmax(1), greedy)
     with pytest.raises(ValueError, match="label dropout"):
