@@ -25,7 +25,7 @@ from cli import (ArgumentParser, decay_float, fail, nonnegative_float, nonnegati
                  positive_float, positive_int, resolve_device)
 from data import MNISTSplit
 from image_grids import image_grid
-from modules import VQVAEConfig, vqvae_from_config
+from modules import ORIGINAL_CONFIG, VQVAEConfig, vqvae_from_config
 from runs import (TrainingRun, add_run_flags, end_distributed, parse_run_args, seed_everything,
                   typed_flags)
 from training import (LR_SCHEDULES, code_usage, evaluate_vqvae, make_optimizer, make_precision,
@@ -40,6 +40,8 @@ LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay"
 TRAIN_SCALARS = ("loss/train/training_loss", "loss/train/reconstruction", "loss/train/quantization",
                  "loss/train/commitment", "codebook/train/perplexity", "codebook/train/codes_used")
 DEFAULTS = VQVAEConfig()
+# Runs from before a flag existed trained as the original did there: resumed, they go on so.
+BEFORE_FLAGS = {**asdict(ORIGINAL_CONFIG), "lr_schedule": "constant"}
 
 
 def build_parser():
@@ -96,7 +98,8 @@ def parse_args(argv=None):
     """-> (args, the --resume checkpoint or None); with --resume, flags not typed take the value
     the run was trained with."""
     parser = build_parser()
-    args, checkpoint = parse_run_args(parser, "vqvae", LOCKED_ON_RESUME, argv)
+    args, checkpoint = parse_run_args(parser, "vqvae", LOCKED_ON_RESUME, argv,
+                                      before_flags=BEFORE_FLAGS)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     if args.num_workers and args.data_pipeline == "device" and \
@@ -189,6 +192,8 @@ def main(args, checkpoint=None):
                       disable=rank != 0, leave=False, dynamic_ncols=True,
                       desc=f"epoch {epoch + 1}/{args.num_epochs}") as bar:
                 for images, _ in bar:
+                    if run.out_of_steps():  # --max-steps, or resumed from a stop on its last step
+                        break
                     # step: the quantizer's training-time updates (k-means init, EMA, restarts)
                     # happen in its forward pass, under model.train(): VQEmbedding.quantize
                     losses = train_step(model, optimizer, scaler, images, args.beta,
@@ -202,8 +207,6 @@ def main(args, checkpoint=None):
                         perplexity, used.float()]))
                     if rows:
                         bar.set_postfix(loss=f"{rows[-1][0]:.4f}")
-                    if run.out_of_steps():
-                        break
             train_seconds = time.time() - started
             if world_size > 1:
                 dist.barrier()

@@ -34,7 +34,8 @@ def save_checkpoint(path, checkpoint):
 
 def load_checkpoint(path, kind, flag="--model"):
     """Load a checkpoint with weights_only=True (no pickled code can run) and check who wrote it.
-    Returns a dict with at least 'state_dict' and 'config' (None for a original-style bare state_dict).
+    Returns the checkpoint dict ({'state_dict': ..., 'config': None} for an original-style bare
+    state_dict).
     Every failure is one line naming the flag and file, exit 2."""
     if not os.path.isfile(path):
         fail(f"{flag} {path}: no such file")
@@ -63,7 +64,7 @@ def load_checkpoint(path, kind, flag="--model"):
 
 def load_resume_checkpoint(path, kind):
     """`load_checkpoint` for --resume, which also needs the training state: a weights-only file
-    (a original-style bare state_dict, the committed models/pretrained/ copies) is refused."""
+    (an original-style bare state_dict, the committed models/pretrained/ copies) is refused."""
     checkpoint = load_checkpoint(path, kind, "--resume")
     if "optimizer" not in checkpoint:
         fail(f"--resume {path}: weights only, without the optimizer state a resume needs; "
@@ -100,6 +101,16 @@ def load_optimizer_state(optimizer, state):
                                                          for group in state["param_groups"]]})
 
 
+def config_from(build, checkpoint, flag, path):
+    """`build(checkpoint)` -> the model config it reads, or one line naming the file when the
+    checkpoint's config describes no model this version builds (a missing or unknown field)."""
+    try:
+        return build(checkpoint)
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"{flag} {path}: its config does not describe a model this version builds "
+             f"({type(e).__name__}: {e})")
+
+
 def run_settings(checkpoint):
     """The command line a checkpoint was trained with (what --resume continues)."""
     return checkpoint.get("run_config", checkpoint.get("config"))
@@ -111,7 +122,7 @@ def vqvae_config(checkpoint, sizes):
     the original repo's bare state_dicts, the original model at `sizes` (40 / 512 where absent)."""
     if "model_config" in checkpoint:
         return VQVAEConfig(**checkpoint["model_config"])
-    flags = checkpoint["config"]
+    flags = checkpoint.get("config")
     if flags is None:
         return original_config_with(hidden_size=sizes.get("hidden_size", 40), k=sizes.get("k", 512))
     return VQVAEConfig(**{f.name: flags.get(f.name, getattr(ORIGINAL_CONFIG, f.name))
@@ -121,17 +132,17 @@ def vqvae_config(checkpoint, sizes):
 def load_vqvae(path, device, flag="--model", sizes=None):
     """A VQ-VAE from a checkpoint, in eval mode -> (model, checkpoint). The checkpoint's config
     decides the model; `sizes` ({'hidden_size': D, 'k': K}, from flags the user gave) must agree
-    with it, and size the model of a original-style bare state_dict, which has no config."""
+    with it, and size the model of an original-style bare state_dict, which has no config."""
     checkpoint = load_checkpoint(path, "vqvae", flag)
     sizes = sizes or {}
-    config = vqvae_config(checkpoint, sizes)
+    config = config_from(lambda c: vqvae_config(c, sizes), checkpoint, flag, path)
     for key, value in sizes.items():
         if value != getattr(config, key):
             fail(f"--{key.replace('_', '-')} {value} contradicts {flag} {path}, "
                  f"which was trained with {getattr(config, key)}")
     model = vqvae_from_config(config)
     state_dict = checkpoint["state_dict"]
-    if "model_config" not in checkpoint and checkpoint["config"] is None:  # the original's file
+    if "model_config" not in checkpoint and checkpoint.get("config") is None:  # the original's
         state_dict = with_original_codebook_buffers(state_dict)
     load_state(model, state_dict, flag, path)
     return model.to(device).eval(), checkpoint
@@ -170,7 +181,7 @@ def load_prior(path, device, K):
     """A prior checkpoint of pixelcnn_prior.py (either --arch), in eval mode; it must model codes
     of K entries."""
     checkpoint = load_checkpoint(path, "prior", "--prior-model")
-    config = prior_config_of(checkpoint)
+    config = config_from(prior_config_of, checkpoint, "--prior-model", path)
     if config.k != K:
         fail(f"--prior-model {path} was built for a codebook of K={config.k}, but the VQ-VAE "
              f"has K={K}")
@@ -182,7 +193,8 @@ def load_prior(path, device, K):
 def load_classifier(path, device):
     """A judge classifier of classifier.py (either --arch), in eval mode."""
     checkpoint = load_checkpoint(path, "classifier", "--classifier")
-    saved = checkpoint.get("model_config") or {"arch": checkpoint["config"].get("arch", "cnn")}
-    classifier = judge_from_config(JudgeConfig(**saved))
+    config = config_from(lambda c: JudgeConfig(**(c.get("model_config") or {
+        "arch": c["config"].get("arch", "cnn")})), checkpoint, "--classifier", path)
+    classifier = judge_from_config(config)
     load_state(classifier, checkpoint["state_dict"], "--classifier", path)
     return classifier.to(device).eval()

@@ -10,6 +10,7 @@ set only reports. Writes models/<output-folder>/best.pt and last.pt (everything 
 and TensorBoard logs to logs/<output-folder>/. Ctrl-C, a NaN loss, an existing run: as for VQ-VAE.py
 (runs.TrainingRun).
 """
+import os
 from dataclasses import asdict
 
 import torch
@@ -22,8 +23,11 @@ from judges import JUDGES, JudgeConfig, judge_from_config
 from runs import TrainingRun, add_run_flags, parse_run_args, seed_everything
 from training import make_optimizer
 
-LOCKED_ON_RESUME = ("arch", "num_epochs", "batch_size", "lr", "seed", "train_subset",  # one-cycle
-                    "hold_out", "augment")
+# num_epochs: the one-cycle schedule spans the run
+LOCKED_ON_RESUME = ("arch", "num_epochs", "batch_size", "lr", "seed", "train_subset", "hold_out",
+                    "augment")
+# Runs from before these flags trained on the first 50,000 images, unaugmented: resumed, go on so.
+BEFORE_FLAGS = {"hold_out": HOLD_OUT, "augment": False}
 
 
 def shift_and_rotate(images, max_shift=2, max_degrees=10):
@@ -67,7 +71,8 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args, checkpoint = parse_run_args(build_parser(), "classifier", LOCKED_ON_RESUME, argv)
+    args, checkpoint = parse_run_args(build_parser(), "classifier", LOCKED_ON_RESUME, argv,
+                                      before_flags=BEFORE_FLAGS)
     if not 0 < args.hold_out < TRAIN_IMAGES:
         fail(f"--hold-out {args.hold_out}: expected 1 to {TRAIN_IMAGES - 1} images")
     return args, checkpoint
@@ -119,7 +124,8 @@ def main(args, checkpoint=None):
             print(f"epoch {epoch + 1}/{args.num_epochs}  held-out accuracy "
                   f"{metrics['held_out_accuracy']:.4f}  test accuracy "
                   f"{metrics['test_accuracy']:.4f}")
-        print(f"wrote {run.model_dir}/best.pt (held-out accuracy {-run.best:.4f})")
+        if run.rank == 0 and os.path.exists(os.path.join(run.model_dir, "best.pt")):
+            print(f"{run.model_dir}/best.pt: held-out accuracy {-run.best:.4f}")
 
 
 if __name__ == "__main__":

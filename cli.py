@@ -16,7 +16,12 @@ def fail(message, status=2):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no multi-line usage block), exit status 2."""
+    """argparse that reports a bad flag in one line (no multi-line usage block), exit status 2,
+    and takes no abbreviations: a prefix of one flag must not silently stand for another
+    (the prior's old --hidden-size would have meant --hidden-size-vae)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
@@ -55,8 +60,15 @@ fraction = _number(float, lambda v: 0 <= v < 1, "a number >= 0 and < 1")
 decay_float = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 
 
+def renamed(new_flag):
+    """The type of a flag that was renamed: any value is refused, naming the new flag."""
+    def parse(text):
+        raise argparse.ArgumentTypeError(f"renamed: use {new_flag} {text}")
+    return parse
+
+
 def add_vqvae_size_flags(parser, *aliases):
-    """--hidden-size-vae (and `aliases`) and --k: the sizes of a original-style bare state_dict, which
+    """--hidden-size-vae (and `aliases`) and --k: the sizes of an original-style bare state_dict, which
     has no config; for a checkpoint of this repo they are optional and must agree with it."""
     g = parser.add_argument_group("VQ-VAE sizes (only needed for the original repo's bare state_dicts)")
     g.add_argument(*aliases, "--hidden-size-vae", dest="vqvae_hidden_size", type=positive_int,

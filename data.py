@@ -58,12 +58,14 @@ def _extract_shipped_mnist(raw, missing):
 
 
 def _download_mnist(data_folder, raw):
-    """torchvision's download, one process at a time (it writes fixed file names): the others wait
-    for the lock, then find the files there."""
+    """torchvision's download, one process at a time (it writes fixed file names in place): the
+    others wait for the lock, then find the files there and download nothing."""
     from filelock import FileLock
-    from torchvision import datasets   # here: importing torchvision costs seconds
     os.makedirs(raw, exist_ok=True)
     with FileLock(os.path.join(raw, ".download.lock")):
+        if all(os.path.exists(os.path.join(raw, name)) for name in MNIST_FILES):
+            return
+        from torchvision import datasets   # here: importing torchvision costs seconds
         datasets.MNIST(data_folder, train=True, download=True)
         datasets.MNIST(data_folder, train=False, download=True)
 

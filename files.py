@@ -5,6 +5,7 @@ folder belongs to one run at a time."""
 
 import contextlib
 import os
+import sys
 import uuid
 
 from cli import fail
@@ -28,15 +29,27 @@ def atomic_write(path):
             os.remove(tmp)
 
 
+class Unclaimed:
+    """What `claim_folder` returns where the file system has no locks: nothing to release."""
+
+    def release(self):
+        pass
+
+
 def claim_folder(folder):
     """An exclusive lock on `folder`/.run.lock, held while the returned object lives (the OS drops
-    it when the process ends, however it ends) -> the lock, or None when another process holds it."""
+    it when the process ends, however it ends) -> the lock, or None when another process holds it.
+    On a file system without locks (some network mounts) a warning, and `Unclaimed`."""
     from filelock import FileLock, Timeout
     lock = FileLock(os.path.join(folder, ".run.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         return None
+    except (OSError, NotImplementedError) as e:
+        print(f"warning: cannot lock {folder}/ ({e}); two runs of this name at once would not "
+              f"be stopped", file=sys.stderr)
+        return Unclaimed()
     return lock
 
 

@@ -9,8 +9,8 @@
 --input MNIST reconstructs the first 100 test images; --input random passes Gaussian noise images
 (mean 0.5, std 0.5) through the autoencoder, as the original repo did; --input prior samples code maps
 from the prior, row i of the grid holding digit i (or all --digit), and decodes them
-(classifier-free guidance, temperature, top-k and nucleus filtering: `add_sampler_flags`). The grid goes to
-generatedImages/<filename>.png. With --num-samples N --samples-out FILE.pt, N prior samples (digit
+(--temperature, and `sampling.add_sampler_flags`: classifier-free guidance, over an interval of
+positions if asked, top-k and nucleus filtering). The grid goes to generatedImages/<filename>.png. With --num-samples N --samples-out FILE.pt, N prior samples (digit
 n % 10 for sample n, or --digit) are also written as a uint8 tensor (N, 1, 28, 28).
 """
 import os

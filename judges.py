@@ -54,6 +54,10 @@ JUDGES = {"cnn": MNISTClassifier, "mlp": MNISTMLPClassifier}
 class JudgeConfig:
     arch: str = "cnn"    # a key of JUDGES
 
+    def __post_init__(self):
+        if self.arch not in JUDGES:
+            raise ValueError(f"no judge arch {self.arch!r}")
+
 
 def judge_from_config(config):
     return JUDGES[config.arch]()

@@ -12,6 +12,7 @@ from, the last 10,000 (--hold-out) to choose best.pt by, the test images' to rep
 negative log-likelihood of the code maps: reported in nats or bits per code map (49 codes) and bits
 per code. Writes logs/<output-folder>/ and models/<output-folder>/{best,last}.pt (kind 'prior').
 """
+import argparse
 import copy
 import math
 
@@ -19,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import load_vqvae, run_settings
+from checkpoints import load_vqvae
 from cli import (ArgumentParser, add_vqvae_size_flags, fail, fraction, nonnegative_int,
-                 positive_float, positive_int, resolve_device, vqvae_sizes)
+                 positive_float, positive_int, renamed, resolve_device, vqvae_sizes)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
 from image_grids import image_grid
 from priors import PRIORS, prior_from_config, saved_config
@@ -81,6 +82,7 @@ def build_parser():
     p.add_argument("--channels", type=positive_int, default=64,
                    help="channels per position: the Gated PixelCNN's stacks, the transformer's "
                         "width (a multiple of --heads)")
+    p.add_argument("--hidden-size", type=renamed("--channels"), help=argparse.SUPPRESS)
     p.add_argument("--heads", type=positive_int, default=4, help="attention heads (transformer)")
     p.add_argument("--dropout", type=fraction, default=0.1,
                    help="dropout in every layer (Gated PixelCNN: on its gated outputs; transformer: "
@@ -101,10 +103,8 @@ def build_parser():
 
 def parse_args(argv=None):
     """On --resume, flags not typed (--vqvae-model too) take the run's values."""
-    args, checkpoint = parse_run_args(build_parser(), "prior", LOCKED_ON_RESUME, argv, RENAMED)
-    for key, value in BEFORE_FLAGS.items():
-        if checkpoint and key not in run_settings(checkpoint):
-            setattr(args, key, value)
+    args, checkpoint = parse_run_args(build_parser(), "prior", LOCKED_ON_RESUME, argv, RENAMED,
+                                      BEFORE_FLAGS)
     if not args.vqvae_model:
         fail("--vqvae-model is required: the VQ-VAE checkpoint whose codes the prior models")
     if args.hold_out >= TRAIN_IMAGES:

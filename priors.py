@@ -17,7 +17,7 @@ def prior_from_config(config):
 
 def prior_config(saved):
     """A checkpoint's "model_config" dict -> the config of its arch."""
-    _, config = PRIORS[saved["arch"]]
+    _, config = PRIORS[saved["arch"]]   # KeyError or TypeError: checkpoints.config_from says so
     return config(**{key: value for key, value in saved.items() if key != "arch"})
 
 

@@ -36,7 +36,7 @@ def read_run(log_dir):
 
 def main():
     p = ArgumentParser(prog="readme_figures.py", description="README figures from event files.")
-    p.add_argument("--original-run", required=True, help="logs/<name> of a seed-configuration run")
+    p.add_argument("--original-run", required=True, help="logs/<name> of a run of the original configuration")
     p.add_argument("--default-run", required=True, help="logs/<name> of a README-defaults run")
     p.add_argument("--output-folder", default="readme_images")
     args = p.parse_args()

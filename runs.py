@@ -74,17 +74,18 @@ def add_run_flags(parser, examples, hold_out=None):
     return g
 
 
-def parse_run_args(parser, kind, locked, argv=None, renamed=None):
+def parse_run_args(parser, kind, locked, argv=None, renamed=None, before_flags=None):
     """A trainer's command line -> (args, the --resume checkpoint or None): with --resume, flags not
     typed take the run's values (`apply_resume_config`); `renamed` maps a flag's old destination
-    to its new one, for runs written before the rename. The run name is checked."""
+    to its new one, and `before_flags` gives the value a flag had in effect before it existed,
+    for runs written before. The run name is checked."""
     args = parser.parse_args(argv)
     checkpoint = None
     if args.resume:
         checkpoint = load_resume_checkpoint(args.resume, kind)
         settings = {(renamed or {}).get(key, key): value
                     for key, value in run_settings(checkpoint).items()}
-        apply_resume_config(parser, args, settings, locked, argv)
+        apply_resume_config(parser, args, {**(before_flags or {}), **settings}, locked, argv)
     check_run_name(args.output_folder, args.resume, args.overwrite)
     return args, checkpoint
 
@@ -245,12 +246,9 @@ class TrainingRun:
         set_rng_state(checkpoint["rng"], self.shuffle)
         self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
         self.batch_in_epoch = checkpoint.get("batch_in_epoch", 0)
-        if "best_score" in checkpoint:
-            self.best = checkpoint["best_score"]
-        elif "best_accuracy" in checkpoint:  # runs written before the score was saved by one name
-            self.best = -checkpoint["best_accuracy"]
-        else:
-            self.best = checkpoint.get("best_loss", checkpoint.get("best_nll", float("inf")))
+        # Runs written before the score was saved by one name kept VQ-VAE.py's in the same units;
+        # the prior's and the judges' were test-set figures, which no longer choose: start anew.
+        self.best = checkpoint.get("best_score", checkpoint.get("best_loss", float("inf")))
 
     def checkpoint(self, metrics=None, epoch_done=True):
         """The checkpoint of this moment: at the end of an epoch, or (epoch_done=False) mid-epoch,
@@ -269,12 +267,13 @@ class TrainingRun:
         """The epochs left, from where a resumed run stopped, until `num_epochs` or `total_steps`."""
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = min(num_epochs * steps_per_epoch, total_steps or float("inf"))
-        if self.resumed and (self.epoch >= num_epochs or self.step >= self.total_steps) \
-                and self.rank == 0:
+        # A run stopped by a signal on its last step still owes that epoch's evaluation and save.
+        done = self.epoch >= num_epochs or self.out_of_steps() and not self.batch_in_epoch
+        if self.resumed and done and self.rank == 0:
             print(f"{self.model_dir}/ is complete: {self.epoch} of {num_epochs} epochs, "
                   f"{self.step} steps; nothing to train")
         for epoch in range(self.epoch, num_epochs):
-            if self.step >= self.total_steps:
+            if self.out_of_steps() and not self.batch_in_epoch:
                 return
             self.epoch_shuffle_state = self.shuffle.get_state()
             yield epoch

@@ -1,6 +1,6 @@
 """How the priors turn logits into codes: classifier-free guidance, temperature, top-k and nucleus
 filtering, and the draw, shared by both priors' samplers (gated_pixelcnn.py, code_transformer.py);
-and the sampler's flags and the decoded samples, shared by generate.py, sample_quality.py and
+generate.py's sampler flags; and the decoded samples, shared by generate.py, sample_quality.py and
 benchmark.py.
 """
 import torch
@@ -64,8 +64,7 @@ def filter_logits(logits, top_k=None, top_p=1.0):
 
 
 def add_sampler_flags(parser):
-    """--guidance-scale, --top-k, --top-p: the sampler options of generate.py and its users
-    (temperature apart: sample_quality.py sweeps several)."""
+    """--guidance-scale, --guidance-interval, --top-k, --top-p: generate.py's sampler options."""
     parser.add_argument("--guidance-scale", type=nonnegative_float, default=None, metavar="S",
                         help="classifier-free guidance: logits u + S (c - u) from the prior's "
                              "unconditional u and conditional c; 1 is none. Default "

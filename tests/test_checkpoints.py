@@ -162,3 +162,18 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, {"kind": "vqvae", "state_dict": {"w": torch.zeros(3)}, "config": {}})
     assert os.listdir(tmp_path) == ["last.pt"]
     assert torch.equal(load_checkpoint(path, "vqvae")["state_dict"]["w"], torch.ones(3))
+
+
+def test_a_config_this_version_cannot_build_is_refused_in_one_line(tmp_path):
+    checkpoint = torch.load(PRETRAINED_VQVAE, weights_only=True)
+    save_checkpoint(str(tmp_path / "future.pt"), {
+        "kind": "vqvae", "state_dict": checkpoint["state_dict"],
+        "model_config": {**asdict(VQVAEConfig()), "a_field_of_the_future": 1}})
+    result = run("evaluate.py", "--model", "future.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "future.pt", "a_field_of_the_future")
+    prior = torch.load(os.path.join(PRETRAINED, "prior_mnist.pt"), weights_only=True)
+    del prior["config"]["num_layers"]
+    save_checkpoint(str(tmp_path / "old_prior.pt"), prior)
+    result = run("generate.py", "--model", PRETRAINED_VQVAE, "--input", "prior", "--prior-model",
+                 "old_prior.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "old_prior.pt", "num_layers")

@@ -7,7 +7,7 @@ import torch
 
 from checkpoints import load_checkpoint, load_prior, load_state, save_checkpoint
 from code_transformer import CodeTransformer, CodeTransformerConfig
-from conftest import assert_same_weights, prior_flags, run
+from conftest import assert_clean_failure, assert_same_weights, prior_flags, run
 from gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from priors import prior_from_config
 
@@ -215,3 +215,10 @@ def test_prior_run_from_before_the_new_flags_resumes_without_them(trained_prior,
     assert args.channels == 32
     model = prior_from_config(pixelcnn_prior.model_config(args, 32))
     load_state(model, resumed["state_dict"], "--resume", "old.pt")
+
+
+def test_the_priors_old_hidden_size_flag_names_its_new_name(tmp_path):
+    """--hidden-size was the prior's channels; a prefix must not make it --hidden-size-vae."""
+    result = run("pixelcnn_prior.py", "--vqvae-model", "x.pt", "--hidden-size", "64", cwd=tmp_path,
+                 check=False)
+    assert_clean_failure(result, "--hidden-size", "--channels 64")

@@ -200,3 +200,40 @@ def test_resume_restores_the_rng_of_the_gpus_present(monkeypatch, capsys):
     assert "2 GPU(s)" in warning and "has 1" in warning
     runs.restore_cuda_rng([])  # a CPU run's checkpoint: nothing to restore, nothing to say
     assert restored == [([1], 0)] and capsys.readouterr().err == ""
+
+
+def test_a_stop_on_the_last_step_still_evaluates_and_saves_on_resume(trained_run, tmp_path,
+                                                                     data_folder):
+    """A signal on a run's very last step leaves a mid-epoch last.pt with every step taken; its
+    resume trains nothing, but evaluates and writes that last epoch's checkpoints."""
+    cwd, _ = trained_run
+    checkpoint = torch.load(cwd / "models" / "tiny" / "last.pt", weights_only=True)
+    checkpoint.update(epoch=1, batch_in_epoch=16, metrics=None)  # as saved by the stop at step 32
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    torch.save(checkpoint, tmp_path / "models" / "tiny" / "last.pt")
+    result = run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--data-folder", data_folder,
+                 cwd=tmp_path)
+    assert "epoch 2/2  step 32" in result.stdout and "is complete" not in result.stdout
+    assert_same_weights(cwd / "models" / "tiny" / "last.pt",
+                        tmp_path / "models" / "tiny" / "model_2.pt")
+    result = run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--data-folder", data_folder,
+                 cwd=tmp_path)
+    assert "is complete: 2 of 2 epochs" in result.stdout
+
+
+def test_old_runs_resume_with_the_settings_of_their_day(trained_classifier, tmp_path):
+    """A classifier run from before --hold-out and --augment (one "config") resumes with the
+    values it trained with; a typed value that contradicts them is refused like any locked flag."""
+    cwd, _ = trained_classifier
+    checkpoint = torch.load(cwd / "models" / "judge" / "last.pt", weights_only=True)
+    config = checkpoint.pop("run_config")
+    for key in ("hold_out", "augment"):
+        del config[key]
+    del checkpoint["model_config"]
+    checkpoint["config"] = config
+    torch.save(checkpoint, tmp_path / "old.pt")
+    result = run("classifier.py", "--resume", "old.pt", "--hold-out", "500", cwd=tmp_path,
+                 check=False)
+    assert_clean_failure(result, "--hold-out 500", "10000")
+    result = run("classifier.py", "--resume", "old.pt", "--augment", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--augment", "False")
