@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import ArgumentParser, fail, nonnegative_int, positive_float, positive_int, resolve_device
+from cli import (ArgumentParser, add_data_and_device_flags, fail, nonnegative_int, positive_float,
+                 positive_int, resolve_device)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
 from judges import JUDGES, JudgeConfig, judge_from_config
 from runs import TrainingRun, add_run_flags, parse_run_args, seed_everything
@@ -57,8 +58,7 @@ def build_parser():
     p.add_argument("--output-folder", default="classifier")
     p.add_argument("--arch", choices=sorted(JUDGES), default="cnn",
                    help="cnn: the small CNN judge; mlp: a pixel MLP, the second judge")
-    p.add_argument("--data-folder", default="data")
-    p.add_argument("--device", default="cpu")
+    add_data_and_device_flags(p)
     p.add_argument("--num-epochs", type=positive_int, default=4)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak of the one-cycle rate")

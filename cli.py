@@ -60,6 +60,12 @@ fraction = _number(float, lambda v: 0 <= v < 1, "a number >= 0 and < 1")
 decay_float = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 
 
+def add_data_and_device_flags(parser):
+    """--data-folder and --device, as every script but VQ-VAE.py (the original's order) takes them."""
+    parser.add_argument("--data-folder", default="data", help="MNIST is in <folder>/MNIST/raw")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
 def renamed(new_flag):
     """The type of a flag that was renamed: any value is refused, naming the new flag."""
     def parse(text):

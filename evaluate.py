@@ -10,7 +10,8 @@ import json
 import math
 
 from checkpoints import load_vqvae
-from cli import ArgumentParser, add_vqvae_size_flags, positive_int, resolve_device, vqvae_sizes
+from cli import (ArgumentParser, add_data_and_device_flags, add_vqvae_size_flags, positive_int,
+                 resolve_device, vqvae_sizes)
 from data import MNISTSplit
 from training import evaluate_vqvae
 
@@ -29,8 +30,7 @@ def measure(model, split):
 def main():
     p = ArgumentParser(prog="evaluate.py", description="Test-set metrics of a VQ-VAE checkpoint.")
     p.add_argument("--model", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-folder", default="data")
+    add_data_and_device_flags(p)
     p.add_argument("--test-subset", type=positive_int, default=None, help="first N test images")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_vqvae_size_flags(p)

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import load_vqvae
-from cli import (ArgumentParser, add_vqvae_size_flags, fail, fraction, nonnegative_int,
-                 positive_float, positive_int, renamed, resolve_device, vqvae_sizes)
+from cli import (ArgumentParser, add_data_and_device_flags, add_vqvae_size_flags, fail, fraction,
+                 nonnegative_int, positive_float, positive_int, renamed, resolve_device,
+                 vqvae_sizes)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
 from image_grids import image_grid
 from priors import PRIORS, prior_from_config, saved_config
@@ -70,8 +71,7 @@ def build_parser():
     p = ArgumentParser(prog="pixelcnn_prior.py", description="Train a prior over code maps.")
     p.add_argument("--vqvae-model", help="VQ-VAE checkpoint whose codes are modelled (required; "
                    "on --resume, the run's)")
-    p.add_argument("--data-folder", default="data")
-    p.add_argument("--device", default="cpu")
+    add_data_and_device_flags(p)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--num-epochs", type=nonnegative_int, default=10)
     p.add_argument("--lr", type=positive_float, default=1e-3)
