@@ -76,13 +76,14 @@ def add_run_flags(parser, examples, hold_out=None):
 
 def parse_run_args(parser, kind, locked, argv=None, renamed=None, before_flags=None):
     """A trainer's command line -> (args, the --resume checkpoint or None): with --resume, flags not
-    typed take the run's values (`apply_resume_config`); `renamed` maps a flag's old destination
-    to its new one, and `before_flags` gives the value a flag had in effect before it existed,
-    for runs written before. The run name is checked."""
+    typed take the run's values (`apply_resume_config`). For runs written before checkpoints kept
+    a "run_config", `renamed` maps a flag's old destination to its new one; `before_flags` gives
+    the value a flag had in effect before it existed. The run name is checked."""
     args = parser.parse_args(argv)
     checkpoint = None
     if args.resume:
         checkpoint = load_resume_checkpoint(args.resume, kind)
+        renamed = renamed if "run_config" not in checkpoint else None  # only the old "config"
         settings = {(renamed or {}).get(key, key): value
                     for key, value in run_settings(checkpoint).items()}
         apply_resume_config(parser, args, {**(before_flags or {}), **settings}, locked, argv)
