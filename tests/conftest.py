@@ -32,16 +32,11 @@ TINY = ["--hidden-size", "16", "--k", "32", "--batch-size", "64", "--train-subse
         "--test-subset", "256", "--num-workers", "0", "--seed", "3"]
 
 
-def run(script, *args, cwd, check=True, new_process=False):
-    """Run one of the repo's scripts in folder `cwd` -> (returncode, stdout, stderr). By default
-    its entry point runs in this interpreter (no 2-4 s start-up per call); `new_process` runs it
-    as a user does, for what only a process shows (its exit on a signal, its import-time cost)."""
-    if not new_process:
-        result = run_in_process(script, [str(a) for a in args], cwd)
-    else:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
-                                cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+def run(script, *args, cwd, check=True):
+    """Run one of the repo's scripts in folder `cwd` -> (returncode, stdout, stderr): its entry
+    point in this interpreter (no 2-4 s start-up per call). What only a process shows (its exit on
+    a signal, torchrun) the tests run with subprocess themselves."""
+    result = run_in_process(script, [str(a) for a in args], cwd)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -83,11 +78,10 @@ def data_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_folder):
-    """One tiny end-to-end VQ-VAE.py run (2 epochs), shared by the tests that read its outputs;
-    run as a user runs it, in a process of its own."""
+    """One tiny end-to-end VQ-VAE.py run (2 epochs), shared by the tests that read its outputs."""
     cwd = tmp_path_factory.mktemp("run")
     result = run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder,
-                 "--num-epochs", "2", *TINY, *CONSTANT_LR, cwd=cwd, new_process=True)
+                 "--num-epochs", "2", *TINY, *CONSTANT_LR, cwd=cwd)
     return cwd, result
 
 
