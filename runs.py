@@ -23,12 +23,14 @@ from files import claim_folder, make_output_dirs
 
 def check_run_name(name, resume, overwrite):
     """--output-folder is one plain folder name (logs/<name>, models/<name> stay inside the repo),
-    and an earlier run's checkpoints there are never silently replaced: that needs --resume
-    (continue it) or --overwrite (delete it first). Checks only: nothing is created."""
+    and an earlier run's checkpoints there are never silently replaced: that needs --resume of
+    that run's own checkpoint (continue it) or --overwrite (delete it first); a resume into
+    another run's folder is no exception. Checks only: nothing is created."""
     if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
         fail(f"--output-folder {name!r}: expected a run name (a plain folder name), not a path")
     model_dir = os.path.join("models", name)
-    if glob.glob(os.path.join(model_dir, "*.pt")) and not resume and not overwrite:
+    continues_it = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(model_dir)
+    if glob.glob(os.path.join(model_dir, "*.pt")) and not continues_it and not overwrite:
         fail(f"{model_dir}/ already holds checkpoints of an earlier run; pass "
              f"--resume {model_dir}/last.pt to continue it or --overwrite to start over")
 

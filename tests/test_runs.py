@@ -89,12 +89,17 @@ def test_nan_loss_stops_training_and_keeps_checkpoints(trained_run, data_folder,
     assert {p.name: p.read_bytes() for p in (tmp_path / "models" / "poisoned").iterdir()} == before
 
 
-def test_existing_run_is_not_overwritten(trained_run, data_folder):
+def test_existing_run_is_not_overwritten(trained_run, data_folder, tmp_path):
+    """Neither by a new run of its name nor by resuming another run's checkpoint into its folder."""
     cwd, _ = trained_run
     before = (cwd / "models" / "tiny" / "best.pt").read_bytes()
     result = run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder, *TINY,
                  cwd=cwd, check=False)
     assert_clean_failure(result, "--overwrite", "--resume")
+    (tmp_path / "other.pt").write_bytes((cwd / "models" / "tiny" / "model_1.pt").read_bytes())
+    result = run("VQ-VAE.py", "--resume", str(tmp_path / "other.pt"), "--output-folder", "tiny",
+                 "--data-folder", data_folder, cwd=cwd, check=False)
+    assert_clean_failure(result, "--overwrite", "models/tiny/")
     assert (cwd / "models" / "tiny" / "best.pt").read_bytes() == before
 
 
