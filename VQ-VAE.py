@@ -9,6 +9,7 @@ Writes TensorBoard logs to logs/<output-folder>/ and checkpoints to models/<outp
 best.pt (lowest test reconstruction loss: the original repo's rule, kept; the figures README reports
 are the last epoch's), model_<epoch>.pt and last.pt (everything needed to resume).
 """
+import math
 import multiprocessing as mp
 import os
 import random
@@ -28,20 +29,30 @@ from image_grids import image_grid
 from modules import ORIGINAL_CONFIG, VQVAEConfig, vqvae_from_config
 from runs import (TrainingRun, add_run_flags, end_distributed, parse_run_args, seed_everything,
                   typed_flags)
-from training import (LR_SCHEDULES, code_usage, evaluate_vqvae, make_optimizer, make_precision,
-                      make_scheduler, maybe_compile, train_step)
-from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, GRADIENTS
+from training import (LR_SCHEDULES, code_usage, evaluate_vqvae, loss_weights, make_optimizer,
+                      make_precision, make_scheduler, maybe_compile, train_step)
+from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, GRADIENTS, QUANTIZERS
 
 # A --resume must agree with the checkpoint on these; others (device, epochs at a constant learning
 # rate, ...) may be changed.
-LOCKED_ON_RESUME = ("hidden_size", "k", "codebook", "codebook_init", "ema_decay",
+LOCKED_ON_RESUME = ("hidden_size", "k", "quantizer", "fsq_levels", "lfq_entropy_weight", "codebook", "codebook_init", "ema_decay",
                     "dead_code_threshold", "gradient", "conv_init_scale", "latent_init_scale",
                     "batch_size", "lr", "lr_schedule", "beta", "seed", "train_subset", "amp")
-TRAIN_SCALARS = ("loss/train/training_loss", "loss/train/reconstruction", "loss/train/quantization",
-                 "loss/train/commitment", "codebook/train/perplexity", "codebook/train/codes_used")
 DEFAULTS = VQVAEConfig()
 # Runs from before a flag existed trained as the original did there: resumed, they go on so.
-BEFORE_FLAGS = {**asdict(ORIGINAL_CONFIG), "lr_schedule": "constant"}
+BEFORE_FLAGS = {**asdict(ORIGINAL_CONFIG), "fsq_levels": list(ORIGINAL_CONFIG.fsq_levels),
+                "lr_schedule": "constant"}
+# Which quantizer each quantizer-specific flag belongs to; typed with another it is refused.
+QUANTIZER_FLAGS = {"codebook": "vq", "codebook_init": "vq", "ema_decay": "vq",
+                   "dead_code_threshold": "vq", "gradient": "vq", "fsq_levels": "fsq",
+                   "lfq_entropy_weight": "lfq"}
+
+
+def train_scalars(quantizer):
+    """The TensorBoard tags logged every step, in the order `train_step`'s figures are stacked."""
+    return ("loss/train/training_loss", "loss/train/reconstruction", "loss/train/quantization",
+            *(f"loss/train/{name}" for name in quantizer.loss_names),
+            "codebook/train/perplexity", "codebook/train/codes_used")
 
 
 def build_parser():
@@ -61,7 +72,14 @@ def build_parser():
                    help="DataLoader workers of --data-pipeline torchvision (the device pipeline "
                         "needs none)")
     p.add_argument("--seed", type=nonnegative_int, default=None, help="default: drawn and recorded")
-    g = p.add_argument_group("codebook")
+    g = p.add_argument_group("quantizer")
+    g.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULTS.quantizer,
+                   help="vq: the codebook (options below); fsq, lfq, simvq: see vector_quantizer.py")
+    g.add_argument("--fsq-levels", type=positive_int, nargs="+", default=list(DEFAULTS.fsq_levels),
+                   help="fsq: levels per channel; K is their product")
+    g.add_argument("--lfq-entropy-weight", type=nonnegative_float, default=0.1,
+                   help="lfq: weight of the entropy loss (K must be a power of two)")
+    g = p.add_argument_group("codebook (--quantizer vq)")
     g.add_argument("--codebook", choices=CODEBOOKS, default=DEFAULTS.codebook)
     g.add_argument("--codebook-init", choices=CODEBOOK_INITS,
                    default=DEFAULTS.codebook_init)
@@ -100,6 +118,7 @@ def parse_args(argv=None):
     parser = build_parser()
     args, checkpoint = parse_run_args(parser, "vqvae", LOCKED_ON_RESUME, argv,
                                       before_flags=BEFORE_FLAGS)
+    check_quantizer_flags(args, typed_flags(parser, argv))
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     if args.num_workers and args.data_pipeline == "device" and \
@@ -107,6 +126,23 @@ def parse_args(argv=None):
         print("note: --num-workers is for --data-pipeline torchvision; the device pipeline keeps "
               "the data on the device and needs no workers", file=sys.stderr)
     return args, checkpoint
+
+
+def check_quantizer_flags(args, typed):
+    """One line, exit 2, for a flag of another quantizer or a K this quantizer cannot have; FSQ's K
+    is the product of its levels (a typed --k must agree)."""
+    for key, owner in QUANTIZER_FLAGS.items():
+        if key in typed and owner != args.quantizer:
+            fail(f"--{key.replace('_', '-')} applies to --quantizer {owner}, not "
+                 f"--quantizer {args.quantizer}")
+    if args.quantizer == "fsq":
+        product = math.prod(args.fsq_levels)
+        if "k" in typed and args.k != product:
+            fail(f"--k {args.k} contradicts --fsq-levels {' '.join(map(str, args.fsq_levels))}, "
+                 f"whose product K = {product} is FSQ's number of codes")
+        args.k = product
+    if args.quantizer == "lfq" and args.k & (args.k - 1):
+        fail(f"--k {args.k}: --quantizer lfq needs a power of two (each code is log2 K bits)")
 
 
 def setup_distributed(device):
@@ -123,7 +159,8 @@ def setup_distributed(device):
 
 
 def model_config(args):
-    return VQVAEConfig(**{name: getattr(args, name) for name in asdict(DEFAULTS)})
+    return VQVAEConfig(**{name: getattr(args, name) for name in asdict(DEFAULTS)
+                          if name != "fsq_levels"}, fsq_levels=tuple(args.fsq_levels))
 
 
 def log_images(writer, model, images, step):
@@ -166,9 +203,10 @@ def main(args, checkpoint=None):
     scheduler = make_scheduler(optimizer, args.lr_schedule, total_steps)
     state = {"state_dict": raw_model, "optimizer": optimizer, "scaler": scaler,
              "scheduler": scheduler}
+    weights, quantizer = loss_weights(args.beta, args.lfq_entropy_weight), raw_model.codeBook
     # Every input is checked: only now is anything written.
     with TrainingRun("VQ-VAE.py", "vqvae", args, asdict(config), state, checkpoint, shuffle,
-                     TRAIN_SCALARS, rank, world_size, device) as run:
+                     train_scalars(quantizer), rank, world_size, device) as run:
         model = torch.nn.parallel.DistributedDataParallel(raw_model) if world_size > 1 else raw_model
         model = maybe_compile(model, device) if args.compile else model
         writer, fixed_images = run.writer, next(test_set.batches(16))[0]
@@ -196,14 +234,14 @@ def main(args, checkpoint=None):
                         break
                     # step: the quantizer's training-time updates (k-means init, EMA, restarts)
                     # happen in its forward pass, under model.train(): VQEmbedding.quantize
-                    losses = train_step(model, optimizer, scaler, images, args.beta,
-                                        config.codebook == "loss", amp_dtype)
+                    losses = train_step(model, optimizer, scaler, images, weights, amp_dtype)
                     if scheduler:
                         scheduler.step()
                     # log: one host sync every --log-every steps (torchrun processes agree there)
                     _, perplexity, used = code_usage(losses.indices, args.k)
                     rows = run.step_done(torch.stack([
-                        losses.loss, losses.reconstruction, losses.codebook, losses.commitment,
+                        losses.loss, losses.reconstruction, losses.quantization,
+                        *(losses.terms[name] for name in quantizer.loss_names),
                         perplexity, used.float()]))
                     if rows:
                         bar.set_postfix(loss=f"{rows[-1][0]:.4f}")

@@ -25,7 +25,7 @@ from cli import ArgumentParser, nonnegative_int, positive_int, resolve_device
 from data import MNISTSplit
 from modules import VQVAEConfig, vqvae_from_config
 from sampling import sample_prior, sampler_options
-from training import make_optimizer, make_precision, maybe_compile, train_step
+from training import loss_weights, make_optimizer, make_precision, maybe_compile, train_step
 
 
 def synchronize(device):
@@ -44,11 +44,11 @@ def time_pipeline(args, device, pipeline, amp, compile_model):
         model = maybe_compile(model, device)
     batches = split.batches(args.batch_size, torch.randperm(len(split)))
     for _ in range(args.warmup):
-        train_step(model, optimizer, scaler, next(batches)[0], 1.0, False, amp_dtype)
+        train_step(model, optimizer, scaler, next(batches)[0], loss_weights(1.0), amp_dtype)
     synchronize(device)
     started = time.perf_counter()
     for _ in range(args.steps):
-        train_step(model, optimizer, scaler, next(batches)[0], 1.0, False, amp_dtype)
+        train_step(model, optimizer, scaler, next(batches)[0], loss_weights(1.0), amp_dtype)
     synchronize(device)
     return (time.perf_counter() - started) / args.steps * 1000
 

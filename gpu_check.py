@@ -23,8 +23,9 @@ import torch
 from cli import ArgumentParser, positive_int, resolve_device
 from data import MNISTSplit, prepare_mnist
 from modules import VQVAEConfig, vqvae_from_config
-from training import (GradScaler, code_usage, make_optimizer, make_precision, make_scheduler,
-                      train_step)
+from training import (GradScaler, code_usage, loss_weights, make_optimizer, make_precision,
+                      make_scheduler, train_step)
+from vector_quantizer import QUANTIZERS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PRETRAINED = os.path.join(REPO, "models", "pretrained")
@@ -57,6 +58,9 @@ def script_checks(device, data, full_run, gpus):
          epoch_line),
         ("VQ-VAE.py --compile --amp",
          [*vqvae, "--output-folder", "compiled_amp", "--compile", "--amp", *SHORT], epoch_line),
+        *[(f"VQ-VAE.py --quantizer {name} --compile --amp",
+           [*vqvae, "--output-folder", name, "--quantizer", name, "--compile", "--amp", *SHORT],
+           epoch_line) for name in QUANTIZERS[1:]],
         ("VQ-VAE.py --resume of a CPU checkpoint",
          [*vqvae, "--resume", "models/moved/last.pt", "--num-epochs", "2"], epoch_line, cpu_run),
         ("torchrun, 1 process", [*torchrun, "--output-folder", "torchrun", *SHORT], epoch_line),
@@ -133,12 +137,12 @@ def run_script(command, cwd, timeout):
     return result.returncode == 0, time.perf_counter() - started, result.stdout, result.stderr
 
 
-def steps_without_host_sync(device, data, amp_dtype, scaler, steps=20):
+def steps_without_host_sync(device, data, amp_dtype, scaler, quantizer="vq", steps=20):
     """A few VQ-VAE.py training steps (batch, step, schedule, code usage) after a warm-up, with
     CUDA's sync debug mode set to raise: any host sync in them fails. -> detail string."""
     torch.manual_seed(0)
     split = MNISTSplit(data, True, device, limit=128 * (steps + 2))
-    model = vqvae_from_config(VQVAEConfig()).to(device)
+    model = vqvae_from_config(VQVAEConfig(quantizer=quantizer)).to(device)
     optimizer = make_optimizer(model, 2e-4, device)
     scheduler = make_scheduler(optimizer, "cosine", steps + 2)
     batches = split.batches(128, torch.randperm(len(split)))
@@ -147,11 +151,11 @@ def steps_without_host_sync(device, data, amp_dtype, scaler, steps=20):
         if i == 2:  # the first steps allocate and run the k-means init: warm-up
             torch.cuda.synchronize(device)
             torch.cuda.set_sync_debug_mode("error")
-        losses = train_step(model, optimizer, scaler, images, 1.0, False, amp_dtype)
+        losses = train_step(model, optimizer, scaler, images, loss_weights(1.0), amp_dtype)
         scheduler.step()
         _, perplexity, used = code_usage(losses.indices, model.codeBook.K)
-        pending.append(torch.stack([losses.loss, losses.reconstruction, losses.codebook,
-                                    losses.commitment, perplexity, used.float()]))
+        pending.append(torch.stack([losses.loss, losses.reconstruction, losses.quantization,
+                                    *losses.terms.values(), perplexity, used.float()]))
     torch.cuda.set_sync_debug_mode("default")
     loss = torch.stack(pending)[-1, 0].item()
     return f"{steps} steps, {str(amp_dtype or torch.float32).split('.')[1]}, loss {loss:.4f}"
@@ -195,12 +199,15 @@ def main():
         rows.append({"check": name, "ok": ok, "seconds": round(seconds, 1), "detail": detail})
     if cuda:
         amp_dtype, scaler = make_precision(device, True)
-        for name, precision in (("training step free of host syncs, --amp", (amp_dtype, scaler)),
-                                ("training step free of host syncs, fp16 + GradScaler (T4 path)",
-                                 (torch.float16, GradScaler(enabled=True)))):
+        checks = [("training step free of host syncs, --amp", (amp_dtype, scaler), "vq"),
+                  ("training step free of host syncs, fp16 + GradScaler (T4 path)",
+                   (torch.float16, GradScaler(enabled=True)), "vq"),
+                  *[(f"training step free of host syncs, --quantizer {name} --amp",
+                     (amp_dtype, scaler), name) for name in QUANTIZERS[1:]]]
+        for name, precision, quantizer in checks:
             started = time.perf_counter()
             try:
-                ok, detail = True, steps_without_host_sync(device, data, *precision)
+                ok, detail = True, steps_without_host_sync(device, data, *precision, quantizer)
             except RuntimeError as e:
                 torch.cuda.set_sync_debug_mode("default")
                 ok, detail = False, str(e).splitlines()[0]

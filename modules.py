@@ -4,8 +4,8 @@ Model shapes (B images, D = --hidden-size, K = --k):
     x (B, 1, 28, 28) in [-1, 1] -> encoder -> z_e_x (B, D, 7, 7) -> codebook -> indices (B, 7, 7)
     -> z_q_x (B, D, 7, 7) -> decoder -> x_tilde (B, 1, 28, 28) in [-1, 1]
 
-The codebook itself (lookup, straight-through gradient, EMA update, restarts) is in
-vector_quantizer.py; the priors over codes in gated_pixelcnn.py and code_transformer.py, the judges
+The quantizer (`--quantizer vq`: the codebook, its lookup, straight-through gradient, EMA update and
+restarts; or fsq, lfq, simvq) is in vector_quantizer.py; the priors over codes in gated_pixelcnn.py and code_transformer.py, the judges
 of generated digits in judges.py.
 """
 from dataclasses import dataclass, replace
@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from vector_quantizer import VQEmbedding
+from vector_quantizer import make_quantizer
 
 
 def weights_init(m):
@@ -40,11 +40,12 @@ class ResBlock(nn.Module):
 
 class VectorQuantizedVAE(nn.Module):
     """The original's network: 28x28 -> 7x7 by two 4x4 stride-2 convs and two residual blocks, mirrored
-    in the decoder, which ends in Tanh. Codebook options are passed on to `VQEmbedding`."""
+    in the decoder, which ends in Tanh. Codebook options are passed on to `VQEmbedding` (quantizer
+    'vq'); the other quantizers of vector_quantizer.py sit in the same place (`codeBook`)."""
 
     def __init__(self, input_dim, dim, K=512, codebook="loss", codebook_init="uniform", decay=0.99,
                  dead_code_threshold=0.0, gradient="straight-through", conv_init_scale=1.0,
-                 latent_init_scale=1.0):
+                 latent_init_scale=1.0, quantizer="vq", fsq_levels=(8, 8, 8)):
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Conv2d(input_dim, dim, 4, 2, 1),
@@ -54,8 +55,9 @@ class VectorQuantizedVAE(nn.Module):
             ResBlock(dim),
             ResBlock(dim),
         )
-        self.codeBook = VQEmbedding(K, dim, codebook, codebook_init, decay, dead_code_threshold,
-                                    gradient=gradient)
+        self.codeBook = make_quantizer(quantizer, K, dim, fsq_levels, codebook=codebook,
+                                       init=codebook_init, decay=decay,
+                                       dead_code_threshold=dead_code_threshold, gradient=gradient)
         self.decoder = nn.Sequential(
             ResBlock(dim),
             ResBlock(dim),
@@ -98,23 +100,29 @@ class VectorQuantizedVAE(nn.Module):
 
     def decode(self, latents):
         """code indices (B, 7, 7) -> images (B, 1, 28, 28)."""
-        z_q_x = self.codeBook.embedding(latents).permute(0, 3, 1, 2)     # (B, 7, 7, D) -> (B, D, 7, 7)
-        return self.decoder(z_q_x)
+        return self.decoder(self.codeBook.codewords(latents))            # (B, D, 7, 7) in between
 
-    def forward(self, x, return_indices=False):
-        """-> (x_tilde, z_e_x, z_q_x) as in the original, plus indices (B, 7, 7) when asked."""
+    def forward(self, x, return_indices=False, return_quantized=False):
+        """-> (x_tilde, z_e_x, z_q_x) as in the original, plus indices (B, 7, 7) when asked;
+        with return_quantized, (x_tilde, the quantizer's `Quantized`), what training needs."""
         z_e_x = self.encoder(x)
-        z_q_x_st, z_q_x, indices = self.codeBook.quantize(z_e_x)
-        x_tilde = self.decoder(z_q_x_st)
-        return (x_tilde, z_e_x, z_q_x, indices) if return_indices else (x_tilde, z_e_x, z_q_x)
+        quantized = self.codeBook.quantize(z_e_x)
+        x_tilde = self.decoder(quantized.codes)
+        if return_quantized:
+            return x_tilde, quantized
+        z_q_x = quantized.codewords
+        return (x_tilde, z_e_x, z_q_x, quantized.indices) if return_indices else (x_tilde, z_e_x, z_q_x)
 
 
 @dataclass
 class VQVAEConfig:
     """What a VQ-VAE checkpoint is rebuilt from. The defaults are VQ-VAE.py's (chosen by the ablation
-    in RESULTS.md); `ORIGINAL_CONFIG` is the original repo's model."""
+    in RESULTS.md); `ORIGINAL_CONFIG` is the original repo's model. The fields from `codebook` to
+    `gradient` are the 'vq' quantizer's; the other quantizers leave them at their defaults."""
     hidden_size: int = 40                 # D, the codeword size
-    k: int = 512                          # K, the number of codewords
+    k: int = 512                          # K, the number of codes
+    quantizer: str = "vq"                 # vq, fsq, lfq or simvq (vector_quantizer.py)
+    fsq_levels: tuple = (8, 8, 8)         # fsq: levels per channel, K = their product
     codebook: str = "ema"                 # "loss" (the paper's codebook loss) or "ema"
     codebook_init: str = "kmeans"         # "uniform" (the original's) or k-means on the first batch
     ema_decay: float = 0.9
@@ -134,7 +142,8 @@ def vqvae_from_config(config):
                               codebook_init=config.codebook_init, decay=config.ema_decay,
                               dead_code_threshold=config.dead_code_threshold,
                               gradient=config.gradient, conv_init_scale=config.conv_init_scale,
-                              latent_init_scale=config.latent_init_scale)
+                              latent_init_scale=config.latent_init_scale,
+                              quantizer=config.quantizer, fsq_levels=tuple(config.fsq_levels))
 
 
 def original_config_with(**sizes):

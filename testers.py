@@ -75,7 +75,7 @@ def test_vq_stays_float32_under_bf16_autocast():
     quantizer.embedding.weight.data.copy_(codebook)
     with torch.autocast("cpu", torch.bfloat16):
         assert vq(inputs, codebook).tolist() == [1, 1, 1, 1]
-        _, _, indices = quantizer.quantize(inputs.view(4, 8, 1, 1))
+        indices = quantizer.quantize(inputs.view(4, 8, 1, 1)).indices
     assert indices.flatten().tolist() == [1, 1, 1, 1]
     assert quantizer.cluster_size.dtype == quantizer.embed_avg.dtype == torch.float32
 
@@ -85,7 +85,7 @@ def test_ema_update_matches_hand_computation():
     quantizer.embedding.weight.data = torch.tensor([[0.0], [10.0]])
     quantizer.embed_avg.copy_(quantizer.embedding.weight.data)
     z_e_x = torch.tensor([1.0, 2.0, 9.0]).view(1, 1, 1, 3)               # (B, D, H, W)
-    _, _, indices = quantizer.quantize(z_e_x)
+    indices = quantizer.quantize(z_e_x).indices
     assert indices.flatten().tolist() == [0, 0, 1]
     # counts (2, 1), sums (3, 9); both EMA statistics start at (1, 1) and the codebook.
     cluster_size = 0.5 * torch.tensor([1.0, 1.0]) + 0.5 * torch.tensor([2.0, 1.0])   # (1.5, 1.0)

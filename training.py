@@ -15,23 +15,30 @@ class VQVAELosses(NamedTuple):
     """The terms of the VQ-VAE objective on one batch (scalar tensors), and the codes chosen."""
     loss: torch.Tensor             # what is minimised
     reconstruction: torch.Tensor   # ||x - x~||^2
-    codebook: torch.Tensor         # ||sg[z_e(x)] - e||^2, moves the codewords
-    commitment: torch.Tensor       # ||z_e(x) - sg[e]||^2, keeps the encoder near its codewords
+    quantization: torch.Tensor     # the quantizer's own distance to its codes (`Quantized.error`)
+    terms: dict                    # the quantizer's auxiliary losses by name, unweighted: for 'vq',
+                                   # commitment ||z_e(x) - sg[e]||^2 and (loss codebook) codebook
+                                   # ||sg[z_e(x)] - e||^2; for 'lfq' also entropy
     indices: torch.Tensor          # (B, 7, 7)
 
 
-def vqvae_losses(model, images, beta, learned_codebook=True):
-    """The VQ-VAE objective (paper eq. 3) on one batch -> VQVAELosses: loss = reconstruction +
-    codebook + beta * commitment. `learned_codebook=False` (EMA codebook) leaves the codebook term
-    out of the loss, since the EMA update moves the codewords; it is still returned for logging."""
-    x_tilde, z_e_x, z_q_x, indices = model(images, return_indices=True)
+def loss_weights(beta, entropy_weight=0.1):
+    """The weight of each auxiliary loss a quantizer may return: the paper's eq. 3 puts 1 on the
+    codebook term and beta on the commitment; LFQ's entropy term has its own weight."""
+    return {"codebook": 1.0, "commitment": beta, "entropy": entropy_weight}
+
+
+def vqvae_losses(model, images, weights):
+    """The VQ-VAE objective on one batch -> VQVAELosses: loss = reconstruction + the sum of the
+    quantizer's auxiliary losses, each times `weights[name]` (`loss_weights`). For 'vq' that is eq. 3,
+    reconstruction + codebook + beta * commitment; an EMA codebook returns no codebook term, since
+    its update moves the codewords."""
+    x_tilde, quantized = model(images, return_quantized=True)
     reconstruction = F.mse_loss(x_tilde.float(), images)
-    codebook = F.mse_loss(z_q_x.float(), z_e_x.detach().float())
-    commitment = F.mse_loss(z_e_x.float(), z_q_x.detach().float())
-    loss = reconstruction + beta * commitment
-    if learned_codebook:
-        loss = loss + codebook
-    return VQVAELosses(loss, reconstruction, codebook, commitment, indices)
+    loss = reconstruction
+    for name, term in quantized.losses.items():
+        loss = loss + weights[name] * term
+    return VQVAELosses(loss, reconstruction, quantized.error, quantized.losses, quantized.indices)
 
 
 def make_optimizer(model, lr, device):
@@ -99,21 +106,22 @@ def make_precision(device, amp):
     return dtype, GradScaler(enabled=scaled)
 
 
-def train_step(model, optimizer, scaler, images, beta, learned_codebook, amp_dtype=None):
+def train_step(model, optimizer, scaler, images, weights, amp_dtype=None):
     """One optimisation step, under autocast to `amp_dtype` when given -> its VQVAELosses,
-    detached. `scaler` scales the loss for fp16 (a disabled one passes everything through).
+    detached; `weights`: the auxiliary losses' (`loss_weights`). `scaler` scales the loss for fp16 (a disabled one passes everything through).
 
     The codebook's training-time updates (k-means init on the first batch, the EMA statistics,
     dead-code restarts) run in the forward pass, in `VQEmbedding.quantize`, whenever the model is in
     training mode: they need this batch's encoder outputs, which only the forward pass has."""
     with torch.autocast(images.device.type, amp_dtype or torch.bfloat16,
                         enabled=amp_dtype is not None):
-        losses = vqvae_losses(model, images, beta, learned_codebook)
+        losses = vqvae_losses(model, images, weights)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses.loss).backward()
     scaler.step(optimizer)  # with fused Adam the inf check stays on the device: no host sync
     scaler.update()
-    return VQVAELosses(*(t.detach() for t in losses))
+    return losses._replace(loss=losses.loss.detach(), reconstruction=losses.reconstruction.detach(),
+                           terms={name: term.detach() for name, term in losses.terms.items()})
 
 
 def perplexity(counts):
@@ -131,17 +139,17 @@ def code_usage(indices, K):
 @torch.no_grad()
 def evaluate_vqvae(model, split, batch_size=500):
     """Eval-mode pass over a whole split -> dict of floats: reconstruction (MSE on [-1, 1]),
-    quantization (||z_q - z_e||^2), perplexity, codes_used, and counts (K,) as a CPU tensor."""
+    quantization (the quantizer's `Quantized.error`), perplexity, codes_used, and counts (K,) as a CPU tensor."""
     was_training = model.training
     model.eval()
     K = model.codeBook.K
     sums = torch.zeros(2, dtype=torch.float64, device=split.device)
     counts = torch.zeros(K, device=split.device)
     for images, _ in split.batches(batch_size):
-        x_tilde, z_e_x, z_q_x, indices = model(images, return_indices=True)
+        x_tilde, quantized = model(images, return_quantized=True)
         sums[0] += F.mse_loss(x_tilde.float(), images, reduction="sum")
-        sums[1] += F.mse_loss(z_q_x.float(), z_e_x.float(), reduction="sum") / z_e_x[0].numel()
-        counts += count_codes(indices, K)
+        sums[1] += quantized.error * len(images)
+        counts += count_codes(quantized.indices, K)
     model.train(was_training)
     n = len(split)
     reconstruction, quantization = (sums / torch.tensor([n * 28 * 28, n], device=sums.device)).tolist()

@@ -11,11 +11,22 @@ Shapes, with B images, a (H, W) = (7, 7) latent grid, D = --hidden-size and K = 
 
 `vq` and `vq_st` are the original repo's functional API (kept so code and tests written against it work);
 `VQEmbedding` is the module the model uses, with the codebook options as constructor arguments.
+
+Beside it, three other quantizers behind the same interface (`Quantizer`: `quantize` -> `Quantized`,
+`codewords(indices)`, `K`), chosen by `VQ-VAE.py --quantizer`:
+    fsq    FiniteScalarQuantizer, implicit grid codebook (Mentzer et al. 2023)
+    lfq    LookupFreeQuantizer, signs of log2 K channels (Yu et al. 2023, MAGVIT-v2)
+    simvq  SimVQ, a frozen random codebook times one learned linear map (Zhu et al. 2024)
 """
+import math
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
+QUANTIZERS = ("vq", "fsq", "lfq", "simvq")
 CODEBOOKS = ("loss", "ema")
 CODEBOOK_INITS = ("uniform", "kmeans")
 GRADIENTS = ("straight-through", "rotation")
@@ -99,6 +110,69 @@ def rotate_to_codes(inputs, codes, eps=1e-6):
     return codes + (rotated - rotated.detach())
 
 
+class Quantized(NamedTuple):
+    """What every quantizer's `quantize` returns for z_e_x (B, D, H, W)."""
+    codes: torch.Tensor      # (B, D, H, W) the decoder's input: the values of codewords(indices),
+                             # with a gradient path to z_e_x (straight-through or its variants)
+    codewords: torch.Tensor  # (B, D, H, W) the same values, with the gradient of the learned
+                             # codebook if there is one (the original's z_q_x)
+    indices: torch.Tensor    # (B, H, W) int64 in [0, K)
+    error: torch.Tensor      # mean squared distance between what is quantized and its code, in
+                             # the quantizer's own space (logged as loss/*/quantization)
+    losses: dict             # name -> unweighted auxiliary loss the trainer adds (scalar, float32)
+
+
+def with_straight_through_gradient(inputs, quantized):
+    """`quantized` in the forward pass, exactly (x + (q - x).detach() can be off by a rounding);
+    the gradient goes to `inputs` unchanged (van den Oord et al. 2017, section 3.1)."""
+    return _StraightThrough.apply(inputs, quantized)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, quantized):
+        return quantized.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def channels_last(z):
+    """(B, C, H, W) -> (B, H, W, C) float32, contiguous: the quantizers' arithmetic stays float32
+    under --amp (bf16 rounds distances and grid levels)."""
+    return z.permute(0, 2, 3, 1).float().contiguous()
+
+
+def channels_first(z):
+    """(B, H, W, C) -> (B, C, H, W), contiguous (the decoder's in-place ReLU needs its own copy)."""
+    return z.permute(0, 3, 1, 2).contiguous()
+
+
+class Quantizer(nn.Module):
+    """The interface of every quantizer: K codes, `forward` (indices, the original's API),
+    `straight_through` (the original's API), `quantize` (-> Quantized) and `codewords`
+    (indices -> what the decoder gets). `loss_names`: the keys of `Quantized.losses`."""
+    K: int
+    loss_names: tuple = ()
+
+    def forward(self, z_e_x):
+        """(B, D, H, W) -> code indices (B, H, W)."""
+        return self.quantize(z_e_x).indices
+
+    def straight_through(self, z_e_x):
+        """The original's API: (B, D, H, W) -> (z_q_x_st, z_q_x), both (B, D, H, W)."""
+        quantized = self.quantize(z_e_x)
+        return quantized.codes, quantized.codewords
+
+    def quantize(self, z_e_x):
+        raise NotImplementedError
+
+    def codewords(self, indices):
+        """(B, H, W) int64 -> (B, D, H, W), exactly the `codes` those indices were quantized to."""
+        raise NotImplementedError
+
+
 def kmeans(samples, k, iterations=10):
     """A few vectorised Lloyd iterations: samples (N, D) -> centroids (k, D), float32.
 
@@ -118,7 +192,7 @@ def kmeans(samples, k, iterations=10):
     return centroids
 
 
-class VQEmbedding(nn.Module):
+class VQEmbedding(Quantizer):
     """Codebook of K codewords of size D, with the original's `forward` (indices) and `straight_through`.
 
     codebook='loss'  the original's: codewords are parameters moved by the codebook loss ||sg[z_e] - e||^2.
@@ -138,6 +212,7 @@ class VQEmbedding(nn.Module):
             raise ValueError(f"codebook must be one of {CODEBOOKS}, init one of {CODEBOOK_INITS} "
                              f"and gradient one of {GRADIENTS}")
         self.K, self.D = K, D
+        self.loss_names = ("commitment", "codebook") if codebook == "loss" else ("commitment",)
         self.codebook, self.init, self.decay, self.gradient = codebook, init, decay, gradient
         self.dead_code_threshold, self.eps = dead_code_threshold, eps
         self.embedding = nn.Embedding(K, D)
@@ -157,26 +232,29 @@ class VQEmbedding(nn.Module):
         """(B, D, H, W) -> code indices (B, H, W)."""
         return vq(z_e_x.permute(0, 2, 3, 1), self.embedding.weight)
 
-    def straight_through(self, z_e_x):
-        """The original's API: (B, D, H, W) -> (z_q_x_st, z_q_x), both (B, D, H, W)."""
-        z_q_x_st, z_q_x, _ = self.quantize(z_e_x)
-        return z_q_x_st, z_q_x
+    def codewords(self, indices):
+        return channels_first(self.embedding(indices))                   # (B, H, W, D) -> (B, D, H, W)
 
     def quantize(self, z_e_x):
-        """(B, D, H, W) -> z_q_x_st (decoder input, gradient flows to z_e_x), z_q_x (gradient flows to
-        the codebook in 'loss' mode), indices (B, H, W). Updates the codebook in training mode."""
-        z_e_x_ = z_e_x.permute(0, 2, 3, 1).contiguous()                  # (B, H, W, D)
-        if self.training and self._needs_init:
-            self._kmeans_init(z_e_x_.detach().reshape(-1, self.D))
-        z_q_x_, indices = vq_st(z_e_x_, self.embedding.weight.detach())  # (B, H, W, D), (B*H*W,)
-        if self.gradient == "rotation":
-            z_q_x_ = rotate_to_codes(z_e_x_.reshape(-1, self.D),
-                                     z_q_x_.detach().reshape(-1, self.D)).view_as(z_e_x_)
-        z_q_x_st = z_q_x_.permute(0, 3, 1, 2).contiguous()  # the decoder's in-place ReLU needs a copy
-        z_q_x = self.embedding.weight.index_select(0, indices).view_as(z_e_x_).permute(0, 3, 1, 2)
-        if self.training:
-            self._update_codebook(z_e_x_.detach().reshape(-1, self.D), indices)
-        return z_q_x_st, z_q_x, indices.view(z_e_x_.shape[:-1])
+        """(B, D, H, W) -> Quantized, with losses 'commitment' ||z_e - sg[e]||^2 and, in 'loss'
+        mode, 'codebook' ||sg[z_e] - e||^2 (paper eq. 3). Updates the codebook in training mode."""
+        with torch.autocast(z_e_x.device.type, enabled=False):
+            z_e_x_ = channels_last(z_e_x)                                # (B, H, W, D)
+            if self.training and self._needs_init:
+                self._kmeans_init(z_e_x_.detach().reshape(-1, self.D))
+            z_q_x_, indices = vq_st(z_e_x_, self.embedding.weight.detach())  # (B, H, W, D), (B*H*W,)
+            if self.gradient == "rotation":
+                z_q_x_ = rotate_to_codes(z_e_x_.reshape(-1, self.D),
+                                         z_q_x_.detach().reshape(-1, self.D)).view_as(z_e_x_)
+            codewords = self.embedding.weight.index_select(0, indices).view_as(z_e_x_)
+            codebook = F.mse_loss(codewords, z_e_x_.detach())
+            losses = {"commitment": F.mse_loss(z_e_x_, codewords.detach())}
+            if self.codebook == "loss":
+                losses["codebook"] = codebook
+            if self.training:
+                self._update_codebook(z_e_x_.detach().reshape(-1, self.D), indices)
+            return Quantized(channels_first(z_q_x_), codewords.permute(0, 3, 1, 2),
+                             indices.view(z_e_x_.shape[:-1]), codebook.detach(), losses)
 
     @torch.no_grad()
     def _kmeans_init(self, flat):
@@ -226,3 +304,165 @@ class VQEmbedding(nn.Module):
         if _distributed():
             for tensor in (weight, self.embed_avg, self.cluster_size):
                 dist.broadcast(tensor, 0)
+
+
+class FiniteScalarQuantizer(Quantizer):
+    """FSQ (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple", section 3): a 1x1
+    conv takes z_e_x to d = len(levels) channels; channel i is bounded to L_i levels and rounded
+    (straight-through); a 1x1 conv takes the grid point back to D channels for the decoder. The
+    codebook is implicit, the K = prod(L_i) points of the grid: no codebook and no commitment loss.
+
+    Shapes: z_e_x (B, D, H, W) -> z (B, H, W, d) -> grid point (B, H, W, d) with channel i in
+    {-L_i//2, ..., (L_i-1)//2} / (L_i//2) -> codes (B, D, H, W); index = sum_i level_i * prod_{j<i} L_j.
+    """
+
+    def __init__(self, D, levels):
+        super().__init__()
+        if len(levels) < 1 or min(levels) < 2:
+            raise ValueError(f"FSQ levels must be integers >= 2, got {list(levels)}")
+        self.K, self.D, self.levels = math.prod(levels), D, tuple(levels)
+        self.register_buffer("_levels", torch.tensor(levels), persistent=False)
+        self.register_buffer("_basis", torch.cumprod(torch.tensor([1, *levels[:-1]]), 0),
+                             persistent=False)
+        self.project_in = nn.Conv2d(D, len(levels), 1)
+        self.project_out = nn.Conv2d(len(levels), D, 1)
+
+    def bound(self, z, eps=1e-3):
+        """(..., d) -> (..., d), channel i in an interval holding exactly L_i integers: an odd L
+        gives (-(L-1)/2, (L-1)/2), an even L the same shifted by 1/2 (the paper's appendix A.1)."""
+        half = (self._levels - 1) * (1 + eps) / 2
+        offset = (self._levels % 2 == 0) * 0.5
+        return torch.tanh(z + torch.atanh(offset / half)) * half - offset
+
+    def grid(self, indices):
+        """(...) int64 -> the grid points (..., d) those indices name."""
+        level = indices.unsqueeze(-1) // self._basis % self._levels             # (..., d) in [0, L_i)
+        half_width = self._levels // 2
+        return (level - half_width).float() / half_width
+
+    def codewords(self, indices):
+        return self.project_out(channels_first(self.grid(indices)))
+
+    def quantize(self, z_e_x):
+        with torch.autocast(z_e_x.device.type, enabled=False):
+            bounded = self.bound(channels_last(self.project_in(z_e_x.float())))  # (B, H, W, d)
+            rounded = bounded.round()
+            half_width = self._levels // 2
+            indices = ((rounded + half_width).long() * self._basis).sum(-1)     # (B, H, W)
+            point = with_straight_through_gradient(bounded, rounded) / half_width
+            codes = self.project_out(channels_first(point))
+            error = F.mse_loss(bounded.detach() / half_width, point.detach())
+            return Quantized(codes, codes.detach(), indices, error, {})
+
+
+class LookupFreeQuantizer(Quantizer):
+    """LFQ (Yu et al. 2023, "Language Model Beats Diffusion: Tokenizer is Key to Visual Generation",
+    section 3.1): a 1x1 conv takes z_e_x to b = log2 K channels, each quantized to its sign
+    (straight-through), the index is the bits; a 1x1 conv takes the code back to D channels.
+
+    Shapes: z_e_x (B, D, H, W) -> z (B, H, W, b) -> q = sign(z) in {-1, 1}^b -> codes (B, D, H, W);
+    index = sum_i [q_i > 0] 2^i.
+
+    losses: 'commitment' ||z - sg[q]||^2 and 'entropy', the paper's eq. 5: the mean per-position
+    entropy of the assignment distribution minus the entropy of its batch mean, with
+    p(code c | z) = softmax_c(-||z - c||^2 / temperature) over all K codes (temperature 0.01 as in
+    lucidrains/vector-quantize-pytorch). It lies in
+    [-log K, 0]: -log K for confident assignments spread evenly over the codes, 0 when every
+    position has the same distribution (a collapsed batch).
+    """
+
+    def __init__(self, D, K, temperature=0.01):
+        super().__init__()
+        bits = round(math.log2(K))
+        if K < 2 or 2 ** bits != K:
+            raise ValueError(f"LFQ needs K a power of two (K = 2^bits), got {K}")
+        self.K, self.D, self.bits, self.temperature = K, D, bits, temperature
+        self.loss_names = ("commitment", "entropy")
+        self.register_buffer("_powers", 2 ** torch.arange(bits), persistent=False)
+        self.project_in = nn.Conv2d(D, bits, 1)
+        self.project_out = nn.Conv2d(bits, D, 1)
+
+    def signs(self, indices):
+        """(...) int64 -> (..., b) in {-1, 1}."""
+        return (indices.unsqueeze(-1) // self._powers % 2).float() * 2 - 1
+
+    def codewords(self, indices):
+        return self.project_out(channels_first(self.signs(indices)))
+
+    def entropy_loss(self, z):
+        """z (N, b) -> mean_n H(p(.|z_n)) - H(mean_n p(.|z_n)), in nats.
+
+        -||z - c||^2 / temperature is a sum over the bits, so p(.|z) is a product of independent
+        bits, bit i being +1 with probability sigmoid(x_i), x = 4 z / temperature: the per-position
+        entropy is a sum of b binary entropies, and log p(c|z) = sum_i logsigmoid(-x_i) + x . [c > 0]
+        (one (N, b) x (b, K) product; the batch mean of p is then a logsumexp over positions)."""
+        x = 4 * z / self.temperature                                            # (N, b)
+        per_position = (F.softplus(x) - x * torch.sigmoid(x)).sum(1).mean()
+        ones = (self.signs(torch.arange(self.K, device=z.device)) > 0).float()  # (K, b)
+        log_p = F.logsigmoid(-x).sum(1, keepdim=True) + x @ ones.t()            # (N, K)
+        log_mean_p = torch.logsumexp(log_p, 0) - math.log(len(z))               # (K,)
+        return per_position + (log_mean_p.exp() * log_mean_p).sum()
+
+    def quantize(self, z_e_x):
+        with torch.autocast(z_e_x.device.type, enabled=False):
+            z = channels_last(self.project_in(z_e_x.float()))                 # (B, H, W, b)
+            q = torch.where(z > 0, 1.0, -1.0)
+            indices = ((q > 0).long() * self._powers).sum(-1)                  # (B, H, W)
+            codes = self.project_out(channels_first(with_straight_through_gradient(z, q)))
+            commitment = F.mse_loss(z, q)
+            losses = {"commitment": commitment,
+                      "entropy": self.entropy_loss(z.reshape(-1, self.bits))}
+            return Quantized(codes, codes.detach(), indices, commitment.detach(), losses)
+
+
+class SimVQ(Quantizer):
+    """SimVQ (Zhu et al. 2024, "Addressing Representation Collapse in Vector Quantized Models with
+    One Linear Layer", eq. 6): the codebook is C W, a frozen random C (K, D), drawn N(0, 1/D) as in
+    the paper's code, times one learned linear map W (D -> D). The nearest codeword over C W is
+    taken with the straight-through gradient; the codebook loss ||sg[z_e] - e||^2 trains W, so one
+    gradient step moves every codeword, used or not (no EMA, no restarts).
+
+    Shapes: z_e_x (B, D, H, W) -> flat (B*H*W, D); base C (K, D) -> codebook map(C) (K, D);
+    indices (B, H, W); codes (B, D, H, W). losses 'codebook' and 'commitment', as VQ's 'loss' mode.
+    """
+
+    def __init__(self, K, D):
+        super().__init__()
+        self.K, self.D = K, D
+        self.loss_names = ("commitment", "codebook")
+        self.register_buffer("base", torch.randn(K, D) * D ** -0.5)           # C, never trained
+        self.map = nn.Linear(D, D)                                            # W
+
+    def codebook(self):
+        """The effective codebook (K, D), with the gradient of the map."""
+        return self.map(self.base)
+
+    def codewords(self, indices):
+        return channels_first(F.embedding(indices, self.codebook()))
+
+    def quantize(self, z_e_x):
+        with torch.autocast(z_e_x.device.type, enabled=False):
+            z = channels_last(z_e_x)                                           # (B, H, W, D)
+            codebook = self.codebook()
+            indices = vq(z, codebook)                                          # (B, H, W)
+            codewords = F.embedding(indices, codebook)                         # (B, H, W, D)
+            codes = channels_first(with_straight_through_gradient(z, codewords.detach()))
+            error = F.mse_loss(codewords, z.detach())
+            losses = {"commitment": F.mse_loss(z, codewords.detach()), "codebook": error}
+            return Quantized(codes, codewords.permute(0, 3, 1, 2), indices, error.detach(), losses)
+
+
+def make_quantizer(quantizer, K, D, fsq_levels=(8, 8, 8), **vq_options):
+    """The quantizer of `VQ-VAE.py --quantizer`: 'vq' takes the codebook options of VQEmbedding;
+    'fsq' has K = prod(fsq_levels); 'lfq' needs K a power of two."""
+    if quantizer == "vq":
+        return VQEmbedding(K, D, **vq_options)
+    if quantizer == "fsq":
+        if math.prod(fsq_levels) != K:
+            raise ValueError(f"FSQ levels {list(fsq_levels)} give K = {math.prod(fsq_levels)}, not {K}")
+        return FiniteScalarQuantizer(D, fsq_levels)
+    if quantizer == "lfq":
+        return LookupFreeQuantizer(D, K)
+    if quantizer == "simvq":
+        return SimVQ(K, D)
+    raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")

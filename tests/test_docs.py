@@ -73,6 +73,8 @@ def same_default(written, default):
         return default == max(mp.cpu_count() - 1, 0)
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         return float(written) == default
+    if isinstance(default, list):  # nargs="+": written as typed
+        return written == " ".join(map(str, default))
     return written == str(default)
 
 

@@ -1,0 +1,158 @@
+"""The quantizer comparison: VQ-VAE.py with each quantizer, several seeds, one table and one figure.
+
+    python3 compare_quantizers.py                       # train what is missing, then report
+    python3 compare_quantizers.py --report-only         # the table and figure of finished runs
+    python3 compare_quantizers.py --variants fsq lfq --seeds 0 --num-epochs 2   # a shorter look
+
+Each (variant, seed) is one `VQ-VAE.py --output-folder q_<variant>_s<seed> --seed <seed>` run at
+the README defaults otherwise, in this folder's logs/ and models/; an interrupted one is resumed
+(`--resume`, bit-identical), a finished one is left as it is. Variants:
+
+    vq           the README defaults (EMA codebook, k-means init, dead-code restarts)
+    vq-original  the original repo's configuration (codebook loss, uniform init, constant rate)
+    fsq lfq simvq  `--quantizer fsq|lfq|simvq` at their defaults (vector_quantizer.py)
+
+The report: test MSE, codes used, perplexity, bits per code map at the code entropy (49 log2
+perplexity) and training seconds per epoch, mean +- std over the seeds, after the last epoch
+(markdown, and one JSON line); readme_images/quantizers.png draws codes used and perplexity per
+epoch (mean over the seeds) for every variant.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import matplotlib
+import numpy as np
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cli import ArgumentParser, add_data_and_device_flags, fail, nonnegative_int, positive_int
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+ORIGINAL = ["--codebook", "loss", "--codebook-init", "uniform", "--dead-code-threshold", "0",
+            "--lr-schedule", "constant", "--conv-init-scale", "1", "--latent-init-scale", "1"]
+VARIANTS = {"vq": [], "vq-original": ORIGINAL, "fsq": ["--quantizer", "fsq"],
+            "lfq": ["--quantizer", "lfq"], "simvq": ["--quantizer", "simvq"]}
+COLOURS = {"vq": "tab:blue", "vq-original": "tab:red", "fsq": "tab:green", "lfq": "tab:purple",
+           "simvq": "tab:orange"}
+
+
+def run_name(variant, seed):
+    return f"q_{variant}_s{seed}"
+
+
+def state(name, num_epochs):
+    """'missing', 'unfinished' or 'done', from models/<name>/last.pt."""
+    path = os.path.join("models", name, "last.pt")
+    if not os.path.isfile(path):
+        return "missing"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint["epoch"] < num_epochs or checkpoint["batch_in_epoch"]:
+        return "unfinished"
+    return "done"
+
+
+def train(variant, seed, args):
+    name = run_name(variant, seed)
+    where = ["--data-folder", args.data_folder, "--device", args.device]
+    status = state(name, args.num_epochs)
+    if status == "done":
+        return
+    command = [sys.executable, os.path.join(REPO, "VQ-VAE.py")]
+    if status == "unfinished":
+        command += ["--resume", os.path.join("models", name, "last.pt"), *where]
+    else:
+        command += ["--output-folder", name, "--seed", str(seed), "--num-epochs",
+                    str(args.num_epochs), *VARIANTS[variant], *where]
+    print(" ".join(command[1:]), flush=True)
+    if subprocess.run(command).returncode:
+        fail(f"{name}: VQ-VAE.py failed (its error is above); rerun to resume")
+
+
+def curves(name):
+    """-> {tag: per-epoch values} of one run's test scalars."""
+    log_dir = os.path.join("logs", name)
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0}).Reload()
+    return {tag: [e.value for e in events.Scalars(tag)]
+            for tag in ("codebook/test/codes_used", "codebook/test/perplexity")}
+
+
+def summary(variant, seeds, num_epochs):
+    """-> (row of mean, std per figure, per-epoch curves) over the finished seeds, or None."""
+    figures, per_epoch = [], []
+    for seed in seeds:
+        name = run_name(variant, seed)
+        if state(name, num_epochs) != "done":
+            continue
+        last = torch.load(os.path.join("models", name, "last.pt"), map_location="cpu",
+                          weights_only=True)
+        seconds = [torch.load(os.path.join("models", name, f"model_{e}.pt"), map_location="cpu",
+                              weights_only=True)["metrics"]["train_seconds"]
+                   for e in range(1, num_epochs + 1)]
+        m = last["metrics"]
+        figures.append([m["reconstruction"], m["codes_used"], m["perplexity"],
+                        49 * math.log2(m["perplexity"]), float(np.mean(seconds))])
+        per_epoch.append(curves(name))
+    if not figures:
+        return None
+    figures = np.array(figures)
+    return {"seeds": len(figures), "mean": figures.mean(0).tolist(),
+            "std": figures.std(0, ddof=1).tolist() if len(figures) > 1 else [0.0] * 5,
+            "curves": {tag: np.mean([c[tag] for c in per_epoch], 0).tolist()
+                       for tag in per_epoch[0]}}
+
+
+def draw(rows, path):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for variant, row in rows.items():
+        for axis, tag in zip(axes, ("codebook/test/codes_used", "codebook/test/perplexity")):
+            values = row["curves"][tag]
+            axis.plot(range(1, len(values) + 1), values, marker="o", markersize=3,
+                      color=COLOURS[variant], label=f"{variant} ({row['seeds']} seeds)")
+    for axis, title in zip(axes, ("codes used on the test set (of 512)", "test perplexity")):
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = ArgumentParser(prog="compare_quantizers.py", description="Every quantizer, several seeds.")
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0, 1, 2])
+    p.add_argument("--num-epochs", type=positive_int, default=10)
+    p.add_argument("--report-only", action="store_true", help="train nothing; report finished runs")
+    p.add_argument("--figure", default=os.path.join(REPO, "readme_images", "quantizers.png"))
+    add_data_and_device_flags(p)
+    args = p.parse_args()
+    if not args.report_only:
+        for seed in args.seeds:  # every variant's seed 0 first: a cut-short sweep stays balanced
+            for variant in args.variants:
+                train(variant, seed, args)
+    rows = {v: row for v in args.variants if (row := summary(v, args.seeds, args.num_epochs))}
+    if not rows:
+        fail("no finished runs to report (train them without --report-only)")
+    print(f"\n{args.num_epochs} epochs, mean +- std over the seeds\n")
+    print("| quantizer | seeds | test MSE | codes used | perplexity | bits per map | s per epoch |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    formats = ("{:.5f} +- {:.5f}", "{:.0f} +- {:.0f}", "{:.0f} +- {:.0f}", "{:.0f} +- {:.0f}",
+               "{:.1f} +- {:.1f}")
+    for variant, row in rows.items():
+        cells = [f.format(m, s) for f, m, s in zip(formats, row["mean"], row["std"])]
+        print(f"| {variant} | {row['seeds']} | " + " | ".join(cells) + " |")
+    draw(rows, args.figure)
+    print(f"\nfigure: {args.figure}")
+    print(json.dumps({variant: {k: row[k] for k in ("seeds", "mean", "std")}
+                      for variant, row in rows.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The quantizers of `VQ-VAE.py --quantizer` (vector_quantizer.py): one interface, each one's own
+math (FSQ's grid, LFQ's entropy term, SimVQ's frozen base), their flags, and every script
+downstream of a VQ-VAE trained with each."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import assert_clean_failure, assert_same_weights, run
+from modules import VQVAEConfig, vqvae_from_config
+from training import loss_weights, vqvae_losses
+from vector_quantizer import (QUANTIZERS, FiniteScalarQuantizer, LookupFreeQuantizer, SimVQ,
+                              make_quantizer)
+
+SMALL = {"vq": {}, "fsq": {"fsq_levels": (8, 4)}, "lfq": {}, "simvq": {}}  # each K = 32
+
+
+def small_model(quantizer):
+    torch.manual_seed(0)
+    return vqvae_from_config(VQVAEConfig(hidden_size=16, k=32, quantizer=quantizer,
+                                         **SMALL[quantizer]))
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_every_quantizer_has_the_interface(quantizer):
+    """Indices (B, 7, 7) in [0, K); codes the size of z_e(x); the decoder's gradient reaches the
+    encoder; decoding the indices gives exactly the codes the decoder got."""
+    model = small_model(quantizer)
+    images = torch.rand(8, 1, 28, 28) * 2 - 1
+    x_tilde, quantized = model(images, return_quantized=True)
+    assert quantized.indices.shape == (8, 7, 7) and quantized.indices.dtype == torch.int64
+    assert 0 <= quantized.indices.min() and quantized.indices.max() < model.codeBook.K == 32
+    assert quantized.codes.shape == quantized.codewords.shape == (8, 16, 7, 7)
+    assert set(quantized.losses) == set(model.codeBook.loss_names)
+    x_tilde.pow(2).mean().backward()  # the reconstruction alone
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        quantized = model.codeBook.quantize(model.encoder(images))
+        assert torch.equal(model.codeBook.codewords(quantized.indices), quantized.codes)
+        assert torch.equal(model.codeBook(model.encoder(images)), quantized.indices)
+        torch.testing.assert_close(model.decode(quantized.indices), model.decoder(quantized.codes),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_quantizer_arithmetic_stays_float32_under_autocast(quantizer):
+    model = small_model(quantizer)
+    with torch.autocast("cpu", torch.bfloat16):
+        z_e_x = model.encoder(torch.rand(4, 1, 28, 28))
+        quantized = model.codeBook.quantize(z_e_x)
+    assert quantized.error.dtype == torch.float32
+    assert all(term.dtype == torch.float32 for term in quantized.losses.values())
+
+
+def test_fsq_codes_lie_on_its_grid():
+    levels = (8, 5, 5, 5)
+    fsq = FiniteScalarQuantizer(16, levels)
+    points = []
+    fsq.project_out.register_forward_hook(lambda module, inputs, output: points.append(inputs[0]))
+    fsq.quantize(torch.randn(64, 16, 7, 7) * 5)
+    point = points[0].permute(0, 2, 3, 1).reshape(-1, 4)
+    for i, L in enumerate(levels):
+        level = point[:, i] * (L // 2) + L // 2  # back to 0 .. L-1
+        assert torch.equal(level, level.round()) and level.min() >= 0 and level.max() <= L - 1
+        assert len(level.unique()) == L  # inputs this wide reach every level
+    every = fsq.grid(torch.arange(fsq.K))
+    assert fsq.K == 1000 and len(every.unique(dim=0)) == 1000  # one index, one grid point
+
+
+def test_lfq_entropy_term_is_at_its_extremes():
+    """-log K for confident assignments spread evenly over the K codes; 0 for a collapsed batch."""
+    lfq = LookupFreeQuantizer(16, 32)
+    every_code = lfq.signs(torch.arange(32))                                # (32, 5)
+    assert lfq.entropy_loss(every_code).item() == pytest.approx(-math.log(32), abs=1e-4)
+    assert lfq.entropy_loss(every_code[[7] * 32]).item() == pytest.approx(0, abs=1e-4)
+    assert -math.log(32) < lfq.entropy_loss(torch.randn(64, 5) * 0.01).item() < 0
+
+
+def test_simvq_base_stays_frozen_while_its_map_trains():
+    torch.manual_seed(0)
+    simvq = SimVQ(32, 16)
+    base, weight = simvq.base.clone(), simvq.map.weight.detach().clone()
+    assert "base" in simvq.state_dict() and all(p is not simvq.base for p in simvq.parameters())
+    optimizer = torch.optim.Adam(simvq.parameters(), lr=1e-2)
+    quantized = simvq.quantize(torch.randn(4, 16, 7, 7))
+    sum(quantized.losses.values()).backward()
+    optimizer.step()
+    assert torch.equal(simvq.base, base) and not torch.equal(simvq.map.weight, weight)
+
+
+def test_lfq_and_fsq_refuse_a_codebook_they_cannot_have():
+    with pytest.raises(ValueError, match="power of two"):
+        make_quantizer("lfq", 48, 16)
+    with pytest.raises(ValueError, match="not 48"):
+        make_quantizer("fsq", 48, 16, fsq_levels=(8, 8))
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--quantizer", "fsq", "--codebook", "ema"], ["--codebook applies to --quantizer vq"]),
+    (["--quantizer", "simvq", "--dead-code-threshold", "2"], ["--dead-code-threshold", "vq"]),
+    (["--fsq-levels", "8", "8"], ["--fsq-levels applies to --quantizer fsq, not --quantizer vq"]),
+    (["--quantizer", "fsq", "--lfq-entropy-weight", "0.1"], ["--lfq-entropy-weight", "lfq"]),
+    (["--quantizer", "fsq", "--k", "100"], ["--k 100", "product", "512"]),
+    (["--quantizer", "lfq", "--k", "500"], ["--k 500", "power of two"]),
+])
+def test_options_of_another_quantizer_are_refused(tmp_path, flags, words):
+    result = run("VQ-VAE.py", "--output-folder", "refused", *flags, cwd=tmp_path, check=False)
+    assert_clean_failure(result, *words)
+    assert not (tmp_path / "models").exists()
+
+
+def test_weights_and_losses_of_each_quantizer():
+    """LFQ's loss adds beta x commitment and its entropy at its own weight; FSQ has no auxiliary loss."""
+    images = torch.rand(4, 1, 28, 28) * 2 - 1
+    lfq = vqvae_losses(small_model("lfq"), images, loss_weights(0.5, entropy_weight=0.2))
+    torch.testing.assert_close(lfq.loss, lfq.reconstruction + 0.5 * lfq.terms["commitment"]
+                               + 0.2 * lfq.terms["entropy"])
+    fsq = vqvae_losses(small_model("fsq"), images, loss_weights(1.0))
+    assert fsq.terms == {} and torch.equal(fsq.loss, fsq.reconstruction)
+
+
+QUANTIZER_RUN = ["--hidden-size", "16", "--batch-size", "64", "--train-subset", "256",
+                 "--test-subset", "128", "--num-workers", "0", "--seed", "5",
+                 "--lr-schedule", "constant"]
+
+
+@pytest.mark.parametrize("quantizer, flags", [("fsq", ["--fsq-levels", "8", "4"]),
+                                              ("lfq", ["--k", "32"]), ("simvq", ["--k", "32"])])
+def test_each_quantizer_trains_resumes_and_evaluates(tmp_path, data_folder, quantizer, flags):
+    """Train with one flag; model_1.pt resumed to 2 epochs ends bit-identical; its own losses and
+    the codebook statistics are in TensorBoard; evaluate.py reads it."""
+    run("VQ-VAE.py", "--output-folder", "whole", "--num-epochs", "2", "--data-folder", data_folder,
+        "--quantizer", quantizer, *flags, *QUANTIZER_RUN, cwd=tmp_path)
+    (tmp_path / "models" / "cut").mkdir()
+    shutil.copy(tmp_path / "models/whole/model_1.pt", tmp_path / "models/cut/last.pt")
+    run("VQ-VAE.py", "--resume", "models/cut/last.pt", "--num-epochs", "2", "--data-folder",
+        data_folder, "--output-folder", "cut", "--overwrite", cwd=tmp_path)
+    assert_same_weights(tmp_path / "models/whole/last.pt", tmp_path / "models/cut/last.pt")
+    checkpoint = torch.load(tmp_path / "models/whole/last.pt", weights_only=True)
+    assert checkpoint["model_config"]["quantizer"] == quantizer
+    events = EventAccumulator(str(tmp_path / "logs" / "whole")).Reload()
+    names = vqvae_from_config(VQVAEConfig(**checkpoint["model_config"])).codeBook.loss_names
+    for tag in ("loss/train/quantization", *(f"loss/train/{name}" for name in names),
+                "codebook/train/perplexity", "codebook/test/codes_used"):
+        assert tag in events.Tags()["scalars"], tag
+    evaluation = json.loads(run("evaluate.py", "--model", "models/whole/best.pt", "--data-folder",
+                                data_folder, "--json", "--test-subset", "128",
+                                cwd=tmp_path).stdout)
+    assert evaluation["k"] == 32 and 1 <= evaluation["codes_used"] <= 32
+    assert evaluation["bits_per_map_uniform"] == 49 * 5
+
+
+def test_generation_and_a_prior_over_fsq_codes(tmp_path, data_folder):
+    """generate.py (MNIST, random, prior) and pixelcnn_prior.py over FSQ's indices, whose
+    codebook is implicit (every other quantizer's codewords go through the same `codewords`)."""
+    run("VQ-VAE.py", "--output-folder", "fsq", "--num-epochs", "1", "--data-folder", data_folder,
+        "--quantizer", "fsq", "--fsq-levels", "8", "4", *QUANTIZER_RUN, cwd=tmp_path)
+    model = "models/fsq/best.pt"
+    for source in ("MNIST", "random"):
+        run("generate.py", "--model", model, "--input", source, "--data-folder", data_folder,
+            "--filename", source, cwd=tmp_path)
+    run("pixelcnn_prior.py", "--vqvae-model", model, "--data-folder", data_folder,
+        "--train-subset", "256", "--hold-out", "64", "--test-subset", "64", "--num-layers", "2",
+        "--channels", "16", "--num-epochs", "1", "--output-folder", "prior", cwd=tmp_path)
+    run("generate.py", "--model", model, "--input", "prior", "--prior-model",
+        "models/prior/best.pt", "--filename", "prior", "--data-folder", data_folder, cwd=tmp_path)
+    assert all((tmp_path / "generatedImages" / f"{name}.png").exists()
+               for name in ("MNIST", "random", "prior"))
