@@ -2,6 +2,7 @@
 
     python VQ-VAE.py --output-folder vqvae                 # README defaults, CPU
     python VQ-VAE.py --device cuda --compile               # GPU
+    python VQ-VAE.py --quantizer fsq                       # FSQ, LFQ or SimVQ instead of the codebook
     python VQ-VAE.py --resume models/vqvae/last.pt         # continue an interrupted run
     torchrun --nproc_per_node=2 VQ-VAE.py ...              # DistributedDataParallel
 

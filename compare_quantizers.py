@@ -6,7 +6,9 @@
 
 Each (variant, seed) is one `VQ-VAE.py --output-folder q_<variant>_s<seed> --seed <seed>` run at
 the README defaults otherwise, in this folder's logs/ and models/; an interrupted one is resumed
-(`--resume`, bit-identical), a finished one is left as it is. Variants:
+(`--resume`, bit-identical), a finished one is left as it is, one another process is training is
+skipped (two comparisons can share the work: `--seeds 0 2` in one shell, `--seeds 1` in another).
+Variants:
 
     vq           the README defaults (EMA codebook, k-means init, dead-code restarts)
     vq-original  the original repo's configuration (codebook loss, uniform init, constant rate)
@@ -29,6 +31,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import ArgumentParser, add_data_and_device_flags, fail, nonnegative_int, positive_int
+from files import claim_folder
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -63,6 +66,12 @@ def train(variant, seed, args):
     status = state(name, args.num_epochs)
     if status == "done":
         return
+    if os.path.isdir(os.path.join("models", name)):
+        claim = claim_folder(os.path.join("models", name))
+        if claim is None:  # another comparison (or a shell) is training it now
+            print(f"{name}: being trained by another process, skipped", flush=True)
+            return
+        claim.release()
     command = [sys.executable, os.path.join(REPO, "VQ-VAE.py")]
     if status == "unfinished":
         command += ["--resume", os.path.join("models", name, "last.pt"), *where]
@@ -114,7 +123,7 @@ def draw(rows, path):
             values = row["curves"][tag]
             axis.plot(range(1, len(values) + 1), values, marker="o", markersize=3,
                       color=COLOURS[variant], label=f"{variant} ({row['seeds']} seeds)")
-    for axis, title in zip(axes, ("codes used on the test set (of 512)", "test perplexity")):
+    for axis, title in zip(axes, ("codes used on the test set", "test perplexity")):
         axis.set_xlabel("epoch")
         axis.set_title(title)
         axis.grid(alpha=0.3)

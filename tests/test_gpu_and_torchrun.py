@@ -102,9 +102,12 @@ def test_torchrun_stop_reaches_every_rank_and_default_codebook_stays_in_step(tmp
 
 def test_benchmark_reports_both_pipelines(tmp_path, data_folder):
     result = run("benchmark.py", "--data-folder", data_folder, "--steps", "2", "--warmup", "1",
-                 "--num-workers", "0", "--prior-samples", "20", "--json", cwd=tmp_path)
+                 "--num-workers", "0", "--prior-samples", "20", "--quantizers", "lfq", "--json",
+                 cwd=tmp_path)
     report = json.loads(result.stdout)
-    assert [row["pipeline"].split()[0] for row in report["rows"]] == ["original-style", "fast"]
+    assert [row["pipeline"].split()[0] for row in report["rows"]] == ["original-style", "fast",
+                                                                      "fast"]
+    assert report["rows"][2]["pipeline"].endswith("--quantizer lfq")
     for row in report["rows"]:  # figures are printed, never asserted on
         assert row["ms_per_step"] > 0 and row["images_per_s"] > 0 and row["s_per_epoch"] > 0
     assert report["speedup"] > 0

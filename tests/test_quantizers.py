@@ -4,16 +4,18 @@ downstream of a VQ-VAE trained with each."""
 import json
 import math
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_clean_failure, assert_same_weights, run
+from checkpoints import load_vqvae
+from conftest import PRETRAINED_VQVAE, assert_clean_failure, assert_same_weights, run
 from modules import VQVAEConfig, vqvae_from_config
 from training import loss_weights, vqvae_losses
 from vector_quantizer import (QUANTIZERS, FiniteScalarQuantizer, LookupFreeQuantizer, SimVQ,
-                              make_quantizer)
+                              VQEmbedding, make_quantizer)
 
 SMALL = {"vq": {}, "fsq": {"fsq_levels": (8, 4)}, "lfq": {}, "simvq": {}}  # each K = 32
 
@@ -90,6 +92,16 @@ def test_simvq_base_stays_frozen_while_its_map_trains():
     sum(quantized.losses.values()).backward()
     optimizer.step()
     assert torch.equal(simvq.base, base) and not torch.equal(simvq.map.weight, weight)
+
+
+def test_checkpoints_from_before_the_flag_load_as_vq(tmp_path):
+    """The committed file (a command line as its config) and a model_config without the field."""
+    model, checkpoint = load_vqvae(PRETRAINED_VQVAE, "cpu")
+    assert "quantizer" not in checkpoint["config"] and isinstance(model.codeBook, VQEmbedding)
+    config = {k: v for k, v in asdict(VQVAEConfig()).items() if k not in ("quantizer", "fsq_levels")}
+    torch.save({"kind": "vqvae", "model_config": config, "state_dict": model.state_dict()},
+               tmp_path / "old.pt")
+    assert isinstance(load_vqvae(str(tmp_path / "old.pt"), "cpu")[0].codeBook, VQEmbedding)
 
 
 def test_lfq_and_fsq_refuse_a_codebook_they_cannot_have():
@@ -170,3 +182,17 @@ def test_generation_and_a_prior_over_fsq_codes(tmp_path, data_folder):
         "models/prior/best.pt", "--filename", "prior", "--data-folder", data_folder, cwd=tmp_path)
     assert all((tmp_path / "generatedImages" / f"{name}.png").exists()
                for name in ("MNIST", "random", "prior"))
+
+
+def test_compare_quantizers_reports_finished_runs_and_skips_the_rest(tmp_path, data_folder):
+    """The table and figure of compare_quantizers.py, from a run it finds in this folder."""
+    result = run("compare_quantizers.py", "--report-only", "--figure", "q.png", cwd=tmp_path,
+                 check=False)
+    assert_clean_failure(result, "no finished runs")
+    run("VQ-VAE.py", "--output-folder", "q_lfq_s0", "--num-epochs", "1", "--data-folder",
+        data_folder, "--quantizer", "lfq", "--k", "32", *QUANTIZER_RUN, cwd=tmp_path)
+    result = run("compare_quantizers.py", "--report-only", "--num-epochs", "1", "--figure", "q.png",
+                 cwd=tmp_path)
+    row = [line for line in result.stdout.splitlines() if line.startswith("| lfq | 1 |")]
+    assert len(row) == 1 and (tmp_path / "q.png").exists()
+    assert json.loads(result.stdout.splitlines()[-1])["lfq"]["seeds"] == 1
