@@ -32,21 +32,23 @@ from runs import (TrainingRun, add_run_flags, end_distributed, parse_run_args, s
                   typed_flags)
 from training import (LR_SCHEDULES, code_usage, evaluate_vqvae, loss_weights, make_optimizer,
                       make_precision, make_scheduler, maybe_compile, train_step)
-from vector_quantizer import CODEBOOK_INITS, CODEBOOKS, GRADIENTS, QUANTIZERS
+from vector_quantizer import (CODEBOOK_INITS, CODEBOOKS, FSQ_MAX_LEVEL, GRADIENTS, MAX_IMPLICIT_K,
+                              QUANTIZERS)
 
 # A --resume must agree with the checkpoint on these; others (device, epochs at a constant learning
 # rate, ...) may be changed.
-LOCKED_ON_RESUME = ("hidden_size", "k", "quantizer", "fsq_levels", "lfq_entropy_weight", "codebook", "codebook_init", "ema_decay",
-                    "dead_code_threshold", "gradient", "conv_init_scale", "latent_init_scale",
-                    "batch_size", "lr", "lr_schedule", "beta", "seed", "train_subset", "amp")
+LOCKED_ON_RESUME = ("hidden_size", "k", "quantizer", "fsq_levels", "lfq_entropy_weight",
+                    "codebook", "codebook_init", "ema_decay", "dead_code_threshold", "gradient",
+                    "conv_init_scale", "latent_init_scale", "batch_size", "lr", "lr_schedule",
+                    "beta", "seed", "train_subset", "amp")
 DEFAULTS = VQVAEConfig()
 # Runs from before a flag existed trained as the original did there: resumed, they go on so.
 BEFORE_FLAGS = {**asdict(ORIGINAL_CONFIG), "fsq_levels": list(ORIGINAL_CONFIG.fsq_levels),
                 "lr_schedule": "constant"}
-# Which quantizer each quantizer-specific flag belongs to; typed with another it is refused.
-QUANTIZER_FLAGS = {"codebook": "vq", "codebook_init": "vq", "ema_decay": "vq",
-                   "dead_code_threshold": "vq", "gradient": "vq", "fsq_levels": "fsq",
-                   "lfq_entropy_weight": "lfq"}
+# The quantizers each quantizer-specific flag applies to; typed with another it is refused.
+QUANTIZER_FLAGS = {"codebook": ("vq",), "codebook_init": ("vq",), "ema_decay": ("vq",),
+                   "dead_code_threshold": ("vq",), "gradient": ("vq",), "fsq_levels": ("fsq",),
+                   "lfq_entropy_weight": ("lfq",), "beta": ("vq", "lfq", "simvq")}
 
 
 def train_scalars(quantizer):
@@ -68,7 +70,9 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--num-epochs", "--num_epoch", dest="num_epochs", type=nonnegative_int, default=10)
     p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate")
-    p.add_argument("--beta", type=positive_float, default=1.0, help="commitment loss weight")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine")
+    p.add_argument("--beta", type=positive_float, default=1.0,
+                   help="commitment loss weight (vq, lfq, simvq: FSQ has none)")
     p.add_argument("--num-workers", type=nonnegative_int, default=max(mp.cpu_count() - 1, 0),
                    help="DataLoader workers of --data-pipeline torchvision (the device pipeline "
                         "needs none)")
@@ -88,8 +92,6 @@ def build_parser():
     g.add_argument("--dead-code-threshold", type=nonnegative_float,
                    default=DEFAULTS.dead_code_threshold,
                    help="re-seed codes used fewer times per batch (EMA) than this; 0 disables")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                   default="cosine")
     g.add_argument("--gradient", choices=GRADIENTS, default=DEFAULTS.gradient,
                    help="how the decoder's gradient crosses the quantizer (seed: straight-through)")
     g = p.add_argument_group("initialisation (1 and 1: the original's Xavier init)")
@@ -132,18 +134,24 @@ def parse_args(argv=None):
 def check_quantizer_flags(args, typed):
     """One line, exit 2, for a flag of another quantizer or a K this quantizer cannot have; FSQ's K
     is the product of its levels (a typed --k must agree)."""
-    for key, owner in QUANTIZER_FLAGS.items():
-        if key in typed and owner != args.quantizer:
-            fail(f"--{key.replace('_', '-')} applies to --quantizer {owner}, not "
+    for key, owners in QUANTIZER_FLAGS.items():
+        if key in typed and args.quantizer not in owners:
+            fail(f"--{key.replace('_', '-')} applies to --quantizer {' or '.join(owners)}, not "
                  f"--quantizer {args.quantizer}")
     if args.quantizer == "fsq":
-        product = math.prod(args.fsq_levels)
+        levels, product = " ".join(map(str, args.fsq_levels)), math.prod(args.fsq_levels)
+        if not 2 <= min(args.fsq_levels) <= max(args.fsq_levels) <= FSQ_MAX_LEVEL or \
+                product > MAX_IMPLICIT_K:
+            fail(f"--fsq-levels {levels}: expected levels from 2 to {FSQ_MAX_LEVEL} whose product "
+                 f"(K) is at most {MAX_IMPLICIT_K}")
         if "k" in typed and args.k != product:
-            fail(f"--k {args.k} contradicts --fsq-levels {' '.join(map(str, args.fsq_levels))}, "
-                 f"whose product K = {product} is FSQ's number of codes")
+            default = "" if "fsq_levels" in typed else " (the default)"
+            fail(f"--k {args.k} contradicts --fsq-levels {levels}{default}, whose product "
+                 f"K = {product} is FSQ's number of codes")
         args.k = product
-    if args.quantizer == "lfq" and args.k & (args.k - 1):
-        fail(f"--k {args.k}: --quantizer lfq needs a power of two (each code is log2 K bits)")
+    if args.quantizer == "lfq" and (args.k < 2 or args.k & (args.k - 1) or args.k > MAX_IMPLICIT_K):
+        fail(f"--k {args.k}: --quantizer lfq needs a power of two from 2 to {MAX_IMPLICIT_K} "
+             f"(each code is log2 K bits)")
 
 
 def setup_distributed(device):

@@ -30,15 +30,20 @@ import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from checkpoints import load_checkpoint
 from cli import ArgumentParser, add_data_and_device_flags, fail, nonnegative_int, positive_int
 from files import claim_folder
+from modules import ORIGINAL_CONFIG
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-ORIGINAL = ["--codebook", "loss", "--codebook-init", "uniform", "--dead-code-threshold", "0",
-            "--lr-schedule", "constant", "--conv-init-scale", "1", "--latent-init-scale", "1"]
+# The original repo's configuration: its model (`ORIGINAL_CONFIG`) and its constant learning rate.
+ORIGINAL = [*(item for name in ("codebook", "codebook_init", "dead_code_threshold",
+                                "conv_init_scale", "latent_init_scale")
+              for item in (f"--{name.replace('_', '-')}", str(getattr(ORIGINAL_CONFIG, name)))),
+            "--lr-schedule", "constant"]
 VARIANTS = {"vq": [], "vq-original": ORIGINAL, "fsq": ["--quantizer", "fsq"],
             "lfq": ["--quantizer", "lfq"], "simvq": ["--quantizer", "simvq"]}
 COLOURS = {"vq": "tab:blue", "vq-original": "tab:red", "fsq": "tab:green", "lfq": "tab:purple",
@@ -50,12 +55,17 @@ def run_name(variant, seed):
 
 
 def state(name, num_epochs):
-    """'missing', 'unfinished' or 'done', from models/<name>/last.pt."""
+    """'missing', 'unfinished' or 'done', from models/<name>/last.pt; a run started for another
+    number of epochs is an error (its cosine schedule spans those)."""
     path = os.path.join("models", name, "last.pt")
     if not os.path.isfile(path):
         return "missing"
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint["epoch"] < num_epochs or checkpoint["batch_in_epoch"]:
+    checkpoint = load_checkpoint(path, "vqvae", "--num-epochs")
+    planned = checkpoint.get("run_config", {}).get("num_epochs")
+    if planned != num_epochs:
+        fail(f"--num-epochs {num_epochs}: {path} belongs to a run of {planned} epochs; pass "
+             f"--num-epochs {planned}, or compare in another folder")
+    if checkpoint.get("epoch", 0) < num_epochs or checkpoint.get("batch_in_epoch"):
         return "unfinished"
     return "done"
 
@@ -86,6 +96,8 @@ def train(variant, seed, args):
 def curves(name):
     """-> {tag: per-epoch values} of one run's test scalars."""
     log_dir = os.path.join("logs", name)
+    if not os.path.isdir(log_dir):
+        fail(f"{log_dir}: no such folder; the run's TensorBoard events draw the figure")
     events = EventAccumulator(log_dir, size_guidance={"scalars": 0}).Reload()
     return {tag: [e.value for e in events.Scalars(tag)]
             for tag in ("codebook/test/codes_used", "codebook/test/perplexity")}
@@ -142,6 +154,7 @@ def main():
     p.add_argument("--figure", default=os.path.join(REPO, "readme_images", "quantizers.png"))
     add_data_and_device_flags(p)
     args = p.parse_args()
+    args.seeds = list(dict.fromkeys(args.seeds))  # a seed given twice is one run
     if not args.report_only:
         for seed in args.seeds:  # every variant's seed 0 first: a cut-short sweep stays balanced
             for variant in args.variants:

@@ -5,15 +5,15 @@ Model shapes (B images, D = --hidden-size, K = --k):
     -> z_q_x (B, D, 7, 7) -> decoder -> x_tilde (B, 1, 28, 28) in [-1, 1]
 
 The quantizer (`--quantizer vq`: the codebook, its lookup, straight-through gradient, EMA update and
-restarts; or fsq, lfq, simvq) is in vector_quantizer.py; the priors over codes in gated_pixelcnn.py and code_transformer.py, the judges
-of generated digits in judges.py.
+restarts; or fsq, lfq, simvq) is in vector_quantizer.py; the priors over codes in gated_pixelcnn.py
+and code_transformer.py, the judges of generated digits in judges.py.
 """
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
-from vector_quantizer import make_quantizer
+from vector_quantizer import FSQ_LEVELS, make_quantizer
 
 
 def weights_init(m):
@@ -45,7 +45,7 @@ class VectorQuantizedVAE(nn.Module):
 
     def __init__(self, input_dim, dim, K=512, codebook="loss", codebook_init="uniform", decay=0.99,
                  dead_code_threshold=0.0, gradient="straight-through", conv_init_scale=1.0,
-                 latent_init_scale=1.0, quantizer="vq", fsq_levels=(8, 8, 8)):
+                 latent_init_scale=1.0, quantizer="vq", fsq_levels=FSQ_LEVELS):
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Conv2d(input_dim, dim, 4, 2, 1),
@@ -110,8 +110,9 @@ class VectorQuantizedVAE(nn.Module):
         x_tilde = self.decoder(quantized.codes)
         if return_quantized:
             return x_tilde, quantized
-        z_q_x = quantized.codewords
-        return (x_tilde, z_e_x, z_q_x, quantized.indices) if return_indices else (x_tilde, z_e_x, z_q_x)
+        z_q_x = quantized.z_q_x
+        return (x_tilde, z_e_x, z_q_x, quantized.indices) if return_indices else \
+            (x_tilde, z_e_x, z_q_x)
 
 
 @dataclass
@@ -122,7 +123,7 @@ class VQVAEConfig:
     hidden_size: int = 40                 # D, the codeword size
     k: int = 512                          # K, the number of codes
     quantizer: str = "vq"                 # vq, fsq, lfq or simvq (vector_quantizer.py)
-    fsq_levels: tuple = (8, 8, 8)         # fsq: levels per channel, K = their product
+    fsq_levels: tuple = FSQ_LEVELS        # fsq: levels per channel, K = their product
     codebook: str = "ema"                 # "loss" (the paper's codebook loss) or "ema"
     codebook_init: str = "kmeans"         # "uniform" (the original's) or k-means on the first batch
     ema_decay: float = 0.9

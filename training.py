@@ -108,7 +108,8 @@ def make_precision(device, amp):
 
 def train_step(model, optimizer, scaler, images, weights, amp_dtype=None):
     """One optimisation step, under autocast to `amp_dtype` when given -> its VQVAELosses,
-    detached; `weights`: the auxiliary losses' (`loss_weights`). `scaler` scales the loss for fp16 (a disabled one passes everything through).
+    detached; `weights`: the auxiliary losses' (`loss_weights`). `scaler` scales the loss for
+    fp16 (a disabled one passes everything through).
 
     The codebook's training-time updates (k-means init on the first batch, the EMA statistics,
     dead-code restarts) run in the forward pass, in `VQEmbedding.quantize`, whenever the model is in
@@ -121,6 +122,7 @@ def train_step(model, optimizer, scaler, images, weights, amp_dtype=None):
     scaler.step(optimizer)  # with fused Adam the inf check stays on the device: no host sync
     scaler.update()
     return losses._replace(loss=losses.loss.detach(), reconstruction=losses.reconstruction.detach(),
+                           quantization=losses.quantization.detach(),
                            terms={name: term.detach() for name, term in losses.terms.items()})
 
 
@@ -139,7 +141,8 @@ def code_usage(indices, K):
 @torch.no_grad()
 def evaluate_vqvae(model, split, batch_size=500):
     """Eval-mode pass over a whole split -> dict of floats: reconstruction (MSE on [-1, 1]),
-    quantization (the quantizer's `Quantized.error`), perplexity, codes_used, and counts (K,) as a CPU tensor."""
+    quantization (the quantizer's `Quantized.error`), perplexity, codes_used, and counts (K,) as a
+    CPU tensor."""
     was_training = model.training
     model.eval()
     K = model.codeBook.K

@@ -27,6 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 QUANTIZERS = ("vq", "fsq", "lfq", "simvq")
+FSQ_LEVELS = (8, 8, 8)       # FSQ's default: K = 512, every level >= 5 as the paper advises
+FSQ_MAX_LEVEL = 1000         # the bound's (1 + eps) margin would reach a further integer past this
+MAX_IMPLICIT_K = 2 ** 16     # FSQ's and LFQ's K: int64 indices, LFQ's entropy over all K codes
 CODEBOOKS = ("loss", "ema")
 CODEBOOK_INITS = ("uniform", "kmeans")
 GRADIENTS = ("straight-through", "rotation")
@@ -114,8 +117,8 @@ class Quantized(NamedTuple):
     """What every quantizer's `quantize` returns for z_e_x (B, D, H, W)."""
     codes: torch.Tensor      # (B, D, H, W) the decoder's input: the values of codewords(indices),
                              # with a gradient path to z_e_x (straight-through or its variants)
-    codewords: torch.Tensor  # (B, D, H, W) the same values, with the gradient of the learned
-                             # codebook if there is one (the original's z_q_x)
+    z_q_x: torch.Tensor      # (B, D, H, W) the same values, with the gradient of the learned
+                             # codebook if there is one (the original's name)
     indices: torch.Tensor    # (B, H, W) int64 in [0, K)
     error: torch.Tensor      # mean squared distance between what is quantized and its code, in
                              # the quantizer's own space (logged as loss/*/quantization)
@@ -163,7 +166,7 @@ class Quantizer(nn.Module):
     def straight_through(self, z_e_x):
         """The original's API: (B, D, H, W) -> (z_q_x_st, z_q_x), both (B, D, H, W)."""
         quantized = self.quantize(z_e_x)
-        return quantized.codes, quantized.codewords
+        return quantized.codes, quantized.z_q_x
 
     def quantize(self, z_e_x):
         raise NotImplementedError
@@ -318,8 +321,10 @@ class FiniteScalarQuantizer(Quantizer):
 
     def __init__(self, D, levels):
         super().__init__()
-        if len(levels) < 1 or min(levels) < 2:
-            raise ValueError(f"FSQ levels must be integers >= 2, got {list(levels)}")
+        if not levels or min(levels) < 2 or max(levels) > FSQ_MAX_LEVEL or \
+                math.prod(levels) > MAX_IMPLICIT_K:
+            raise ValueError(f"FSQ levels must be integers in [2, {FSQ_MAX_LEVEL}] with a product "
+                             f"of at most {MAX_IMPLICIT_K}, got {list(levels)}")
         self.K, self.D, self.levels = math.prod(levels), D, tuple(levels)
         self.register_buffer("_levels", torch.tensor(levels), persistent=False)
         self.register_buffer("_basis", torch.cumprod(torch.tensor([1, *levels[:-1]]), 0),
@@ -341,7 +346,8 @@ class FiniteScalarQuantizer(Quantizer):
         return (level - half_width).float() / half_width
 
     def codewords(self, indices):
-        return self.project_out(channels_first(self.grid(indices)))
+        with torch.autocast(indices.device.type, enabled=False):
+            return self.project_out(channels_first(self.grid(indices)))
 
     def quantize(self, z_e_x):
         with torch.autocast(z_e_x.device.type, enabled=False):
@@ -368,14 +374,15 @@ class LookupFreeQuantizer(Quantizer):
     p(code c | z) = softmax_c(-||z - c||^2 / temperature) over all K codes (temperature 0.01 as in
     lucidrains/vector-quantize-pytorch). It lies in
     [-log K, 0]: -log K for confident assignments spread evenly over the codes, 0 when every
-    position has the same distribution (a collapsed batch).
+    position has the same distribution (a collapsed batch). Under torchrun the batch mean is each
+    process's own batch (the ranks stay identical, but the term depends on the per-process batch).
     """
 
-    def __init__(self, D, K, temperature=0.01):
+    def __init__(self, K, D, temperature=0.01):
         super().__init__()
-        bits = round(math.log2(K))
-        if K < 2 or 2 ** bits != K:
-            raise ValueError(f"LFQ needs K a power of two (K = 2^bits), got {K}")
+        bits = round(math.log2(K)) if K > 0 else 0
+        if K < 2 or 2 ** bits != K or K > MAX_IMPLICIT_K:
+            raise ValueError(f"LFQ needs K a power of two from 2 to {MAX_IMPLICIT_K}, got {K}")
         self.K, self.D, self.bits, self.temperature = K, D, bits, temperature
         self.loss_names = ("commitment", "entropy")
         self.register_buffer("_powers", 2 ** torch.arange(bits), persistent=False)
@@ -387,7 +394,8 @@ class LookupFreeQuantizer(Quantizer):
         return (indices.unsqueeze(-1) // self._powers % 2).float() * 2 - 1
 
     def codewords(self, indices):
-        return self.project_out(channels_first(self.signs(indices)))
+        with torch.autocast(indices.device.type, enabled=False):
+            return self.project_out(channels_first(self.signs(indices)))
 
     def entropy_loss(self, z):
         """z (N, b) -> mean_n H(p(.|z_n)) - H(mean_n p(.|z_n)), in nats.
@@ -410,8 +418,9 @@ class LookupFreeQuantizer(Quantizer):
             indices = ((q > 0).long() * self._powers).sum(-1)                  # (B, H, W)
             codes = self.project_out(channels_first(with_straight_through_gradient(z, q)))
             commitment = F.mse_loss(z, q)
-            losses = {"commitment": commitment,
-                      "entropy": self.entropy_loss(z.reshape(-1, self.bits))}
+            losses = {"commitment": commitment}
+            if self.training:  # the (B*H*W, K) entropy term is for training only
+                losses["entropy"] = self.entropy_loss(z.reshape(-1, self.bits))
             return Quantized(codes, codes.detach(), indices, commitment.detach(), losses)
 
 
@@ -438,7 +447,8 @@ class SimVQ(Quantizer):
         return self.map(self.base)
 
     def codewords(self, indices):
-        return channels_first(F.embedding(indices, self.codebook()))
+        with torch.autocast(indices.device.type, enabled=False):
+            return channels_first(F.embedding(indices, self.codebook()))
 
     def quantize(self, z_e_x):
         with torch.autocast(z_e_x.device.type, enabled=False):
@@ -452,7 +462,7 @@ class SimVQ(Quantizer):
             return Quantized(codes, codewords.permute(0, 3, 1, 2), indices, error.detach(), losses)
 
 
-def make_quantizer(quantizer, K, D, fsq_levels=(8, 8, 8), **vq_options):
+def make_quantizer(quantizer, K, D, fsq_levels=FSQ_LEVELS, **vq_options):
     """The quantizer of `VQ-VAE.py --quantizer`: 'vq' takes the codebook options of VQEmbedding;
     'fsq' has K = prod(fsq_levels); 'lfq' needs K a power of two."""
     if quantizer == "vq":
@@ -462,7 +472,7 @@ def make_quantizer(quantizer, K, D, fsq_levels=(8, 8, 8), **vq_options):
             raise ValueError(f"FSQ levels {list(fsq_levels)} give K = {math.prod(fsq_levels)}, not {K}")
         return FiniteScalarQuantizer(D, fsq_levels)
     if quantizer == "lfq":
-        return LookupFreeQuantizer(D, K)
+        return LookupFreeQuantizer(K, D)
     if quantizer == "simvq":
         return SimVQ(K, D)
     raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")

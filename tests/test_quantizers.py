@@ -35,7 +35,7 @@ def test_every_quantizer_has_the_interface(quantizer):
     x_tilde, quantized = model(images, return_quantized=True)
     assert quantized.indices.shape == (8, 7, 7) and quantized.indices.dtype == torch.int64
     assert 0 <= quantized.indices.min() and quantized.indices.max() < model.codeBook.K == 32
-    assert quantized.codes.shape == quantized.codewords.shape == (8, 16, 7, 7)
+    assert quantized.codes.shape == quantized.z_q_x.shape == (8, 16, 7, 7)
     assert set(quantized.losses) == set(model.codeBook.loss_names)
     x_tilde.pow(2).mean().backward()  # the reconstruction alone
     assert model.encoder[0].weight.grad.abs().sum() > 0
@@ -75,7 +75,7 @@ def test_fsq_codes_lie_on_its_grid():
 
 def test_lfq_entropy_term_is_at_its_extremes():
     """-log K for confident assignments spread evenly over the K codes; 0 for a collapsed batch."""
-    lfq = LookupFreeQuantizer(16, 32)
+    lfq = LookupFreeQuantizer(32, 16)
     every_code = lfq.signs(torch.arange(32))                                # (32, 5)
     assert lfq.entropy_loss(every_code).item() == pytest.approx(-math.log(32), abs=1e-4)
     assert lfq.entropy_loss(every_code[[7] * 32]).item() == pytest.approx(0, abs=1e-4)
@@ -118,6 +118,11 @@ def test_lfq_and_fsq_refuse_a_codebook_they_cannot_have():
     (["--quantizer", "fsq", "--lfq-entropy-weight", "0.1"], ["--lfq-entropy-weight", "lfq"]),
     (["--quantizer", "fsq", "--k", "100"], ["--k 100", "product", "512"]),
     (["--quantizer", "lfq", "--k", "500"], ["--k 500", "power of two"]),
+    (["--quantizer", "lfq", "--k", "1"], ["--k 1", "power of two"]),
+    (["--quantizer", "fsq", "--fsq-levels", "1", "8"], ["--fsq-levels 1 8", "from 2"]),
+    (["--quantizer", "fsq", "--fsq-levels", "1024"], ["--fsq-levels 1024", "from 2 to 1000"]),
+    (["--quantizer", "fsq", "--fsq-levels", "1000", "1000"], ["at most 65536"]),
+    (["--quantizer", "fsq", "--beta", "0.5"], ["--beta applies to --quantizer vq or lfq or simvq"]),
 ])
 def test_options_of_another_quantizer_are_refused(tmp_path, flags, words):
     result = run("VQ-VAE.py", "--output-folder", "refused", *flags, cwd=tmp_path, check=False)
