@@ -120,8 +120,13 @@ def apply_resume_config(parser, args, config, locked, argv=None):
         elif key in locked and mine != value:
             why = " (its cosine learning-rate schedule ends there)" \
                 if key in ("num_epochs", "max_steps") else ""
-            fail(f"--{key.replace('_', '-')} {mine} conflicts with the checkpoint "
-                 f"--resume {args.resume}, which was trained with {value}{why}")
+            fail(f"--{key.replace('_', '-')} {as_typed(mine)} conflicts with the checkpoint "
+                 f"--resume {args.resume}, which was trained with {as_typed(value)}{why}")
+
+
+def as_typed(value):
+    """A flag's value as it is typed: a list as its items, 8 8 8, not [8, 8, 8]."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
 def rng_state(shuffle):

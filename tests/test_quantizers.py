@@ -180,6 +180,9 @@ def test_generation_and_a_prior_over_fsq_codes(tmp_path, data_folder):
     pixelcnn_prior.py over its indices, whose codebook is implicit (every other quantizer's
     codewords go through the same `codewords`)."""
     train_resume_and_evaluate(tmp_path, data_folder, "fsq", ["--fsq-levels", "8", "4"])
+    result = run("VQ-VAE.py", "--resume", "models/whole/last.pt", "--fsq-levels", "4", "8",
+                 "--data-folder", data_folder, cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--fsq-levels 4 8 conflicts", "trained with 8 4")
     model = "models/whole/best.pt"
     for source in ("MNIST", "random"):
         run("generate.py", "--model", model, "--input", source, "--data-folder", data_folder,
