@@ -3,6 +3,7 @@
     python3 compare_quantizers.py                       # train what is missing, then report
     python3 compare_quantizers.py --report-only         # the table and figure of finished runs
     python3 compare_quantizers.py --variants fsq lfq --seeds 0 --num-epochs 2   # a shorter look
+    python3 compare_quantizers.py --prior-epochs 3      # and a prior per quantizer, judged
 
 Each (variant, seed) is one `VQ-VAE.py --output-folder q_<variant>_s<seed> --seed <seed>` run at
 the README defaults otherwise, in this folder's logs/ and models/; an interrupted one is resumed
@@ -18,10 +19,21 @@ The report: test MSE, codes used, perplexity, bits per code map at the code entr
 perplexity) and training seconds per epoch, mean +- std over the seeds, after the last epoch
 (markdown, and one JSON line); readme_images/quantizers.png draws codes used and perplexity per
 epoch (mean over the seeds) for every variant.
+
+With --prior-epochs N, one prior per variant over the first seed's codes, by the same command
+(`pixelcnn_prior.py --vqvae-model models/q_<variant>_s<seed>/last.pt --output-folder
+prior_<variant> --num-epochs N --seed <seed>`, resumed if interrupted), judged by `sample_quality.py
+--json --no-baselines` at generate.py's default sampler (written to
+models/prior_<variant>/sample_quality.json); the second table: the prior's test NLL, and per judge
+the class agreement and the Frechet distance as a multiple of its floor (that VQ-VAE's
+reconstructions of other training images), the CNN judge's recall, the two-sample accuracy.
+--prior-flags and --judge-flags pass more flags to those two scripts (e.g. a quick look on fewer
+maps and samples).
 """
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -32,7 +44,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from checkpoints import load_checkpoint
 from cli import ArgumentParser, add_data_and_device_flags, fail, nonnegative_int, positive_int
-from files import claim_folder
+from files import atomic_write, claim_folder
 from modules import ORIGINAL_CONFIG
 
 matplotlib.use("Agg")  # files only, no display needed
@@ -54,43 +66,119 @@ def run_name(variant, seed):
     return f"q_{variant}_s{seed}"
 
 
-def state(name, num_epochs):
+def state(name, num_epochs, kind="vqvae", flag="--num-epochs"):
     """'missing', 'unfinished' or 'done', from models/<name>/last.pt; a run started for another
     number of epochs is an error (its cosine schedule spans those)."""
     path = os.path.join("models", name, "last.pt")
     if not os.path.isfile(path):
         return "missing"
-    checkpoint = load_checkpoint(path, "vqvae", "--num-epochs")
+    checkpoint = load_checkpoint(path, kind, flag)
     planned = checkpoint.get("run_config", {}).get("num_epochs")
     if planned != num_epochs:
-        fail(f"--num-epochs {num_epochs}: {path} belongs to a run of {planned} epochs; pass "
-             f"--num-epochs {planned}, or compare in another folder")
+        fail(f"{flag} {num_epochs}: {path} belongs to a run of {planned} epochs; pass "
+             f"{flag} {planned}, or compare in another folder")
     if checkpoint.get("epoch", 0) < num_epochs or checkpoint.get("batch_in_epoch"):
         return "unfinished"
     return "done"
+
+
+def run_script(script, flags, name, capture=False):
+    """Run one of this repo's scripts -> its stdout when `capture`; its failure stops us."""
+    command = [sys.executable, os.path.join(REPO, script), *flags]
+    print(" ".join(command[1:]), flush=True)
+    result = subprocess.run(command, stdout=subprocess.PIPE if capture else None)
+    if result.returncode:
+        fail(f"{name}: {script} failed (its error is above); rerun to resume")
+    return result.stdout
+
+
+def being_trained(name):
+    """Whether another process (a second comparison, a shell) is training models/<name> now."""
+    folder = os.path.join("models", name)
+    claim = claim_folder(folder) if os.path.isdir(folder) else None
+    if os.path.isdir(folder) and claim is None:
+        print(f"{name}: being trained by another process, skipped", flush=True)
+        return True
+    if claim is not None:
+        claim.release()
+    return False
 
 
 def train(variant, seed, args):
     name = run_name(variant, seed)
     where = ["--data-folder", args.data_folder, "--device", args.device]
     status = state(name, args.num_epochs)
-    if status == "done":
+    if status == "done" or being_trained(name):
         return
-    if os.path.isdir(os.path.join("models", name)):
-        claim = claim_folder(os.path.join("models", name))
-        if claim is None:  # another comparison (or a shell) is training it now
-            print(f"{name}: being trained by another process, skipped", flush=True)
-            return
-        claim.release()
-    command = [sys.executable, os.path.join(REPO, "VQ-VAE.py")]
     if status == "unfinished":
-        command += ["--resume", os.path.join("models", name, "last.pt"), *where]
+        flags = ["--resume", os.path.join("models", name, "last.pt"), *where]
     else:
-        command += ["--output-folder", name, "--seed", str(seed), "--num-epochs",
-                    str(args.num_epochs), *VARIANTS[variant], *where]
-    print(" ".join(command[1:]), flush=True)
-    if subprocess.run(command).returncode:
-        fail(f"{name}: VQ-VAE.py failed (its error is above); rerun to resume")
+        flags = ["--output-folder", name, "--seed", str(seed), "--num-epochs",
+                 str(args.num_epochs), *VARIANTS[variant], *where]
+    run_script("VQ-VAE.py", flags, name)
+
+
+def train_and_judge_prior(variant, seed, args):
+    """The prior over one variant's codes, then its sample_quality.json (each skipped when done)."""
+    name, vqvae = f"prior_{variant}", os.path.join("models", run_name(variant, seed), "last.pt")
+    where = ["--data-folder", args.data_folder, "--device", args.device]
+    if state(run_name(variant, seed), args.num_epochs) != "done":
+        print(f"{name}: {vqvae} has not finished, skipped", flush=True)
+        return
+    status = state(name, args.prior_epochs, "prior", "--prior-epochs")
+    if status != "done" and being_trained(name):
+        return
+    if status == "missing":
+        run_script("pixelcnn_prior.py", ["--vqvae-model", vqvae, "--output-folder", name,
+                                         "--num-epochs", str(args.prior_epochs), "--seed", str(seed),
+                                         *shlex.split(args.prior_flags), *where], name)
+    elif status == "unfinished":
+        run_script("pixelcnn_prior.py", ["--resume", os.path.join("models", name, "last.pt"),
+                                         *where], name)
+    report = os.path.join("models", name, "sample_quality.json")
+    if not os.path.isfile(report):
+        stdout = run_script("sample_quality.py", [
+            "--model", vqvae, "--prior-model", os.path.join("models", name, "best.pt"), "--json",
+            "--no-baselines", *shlex.split(args.judge_flags), *where], name, capture=True)
+        with atomic_write(report) as f:
+            f.write(stdout)
+
+
+def prior_row(variant):
+    """-> the cells of the prior table for one variant, or None before its prior is judged."""
+    folder = os.path.join("models", f"prior_{variant}")
+    if not os.path.isfile(os.path.join(folder, "sample_quality.json")):
+        return None
+    nll = torch.load(os.path.join(folder, "best.pt"), map_location="cpu",
+                     weights_only=True)["metrics"]["test_bits_per_map"]
+    with open(os.path.join(folder, "sample_quality.json")) as f:
+        report = json.load(f)
+    rows = {row["source"]: row for row in report["rows"]}
+    floor = rows[report["floor"]]
+    prior = next(row for source, row in rows.items() if source.startswith("prior"))
+    cells = [f"{nll:.1f}"] + [
+        f"{100 * prior['judges'][j]['agreement']:.1f}%, "
+        f"{prior['judges'][j]['frechet_distance'] / floor['judges'][j]['frechet_distance']:.2f}x"
+        for j in prior["judges"]]
+    cnn = next(iter(prior["judges"]))
+    cells += [f"{prior['judges'][cnn]['recall']:.3f} ({floor['judges'][cnn]['recall']:.3f})",
+              f"{100 * prior['two_sample_accuracy']:.1f}% "
+              f"({100 * floor['two_sample_accuracy']:.1f}%)"]
+    return {"source": prior["source"], "judges": list(prior["judges"]), "cells": cells}
+
+
+def print_prior_table(variants, seed):
+    rows = {v: row for v in variants if (row := prior_row(v))}
+    if not rows:
+        return
+    first = next(iter(rows.values()))
+    print(f"\npriors over seed {seed}'s codes, {first['source']}; per judge agreement, Frechet "
+          f"as a multiple of the floor; recall ({first['judges'][0]}) and two-sample (floor)\n")
+    print("| quantizer | prior test NLL, bits per map | " + " | ".join(first["judges"]) +
+          " | recall | two-sample |")
+    print("| --- " * (len(first["cells"]) + 1) + "|")
+    for variant, row in rows.items():
+        print(f"| {variant} | " + " | ".join(row["cells"]) + " |")
 
 
 def curves(name):
@@ -152,6 +240,10 @@ def main():
     p.add_argument("--num-epochs", type=positive_int, default=10)
     p.add_argument("--report-only", action="store_true", help="train nothing; report finished runs")
     p.add_argument("--figure", default=os.path.join(REPO, "readme_images", "quantizers.png"))
+    p.add_argument("--prior-epochs", type=nonnegative_int, default=0,
+                   help="also train and judge one prior per variant (0: none)")
+    p.add_argument("--prior-flags", default="", help="more pixelcnn_prior.py flags, one string")
+    p.add_argument("--judge-flags", default="", help="more sample_quality.py flags, one string")
     add_data_and_device_flags(p)
     args = p.parse_args()
     args.seeds = list(dict.fromkeys(args.seeds))  # a seed given twice is one run
@@ -159,6 +251,8 @@ def main():
         for seed in args.seeds:  # every variant's seed 0 first: a cut-short sweep stays balanced
             for variant in args.variants:
                 train(variant, seed, args)
+        for variant in args.variants if args.prior_epochs else ():
+            train_and_judge_prior(variant, args.seeds[0], args)
     rows = {v: row for v in args.variants if (row := summary(v, args.seeds, args.num_epochs))}
     if not rows:
         fail("no finished runs to report (train them without --report-only)")
@@ -170,6 +264,7 @@ def main():
     for variant, row in rows.items():
         cells = [f.format(m, s) for f, m, s in zip(formats, row["mean"], row["std"])]
         print(f"| {variant} | {row['seeds']} | " + " | ".join(cells) + " |")
+    print_prior_table(args.variants, args.seeds[0])
     draw(rows, args.figure)
     print(f"\nfigure: {args.figure}")
     print(json.dumps({variant: {k: row[k] for k in ("seeds", "mean", "std")}

@@ -197,14 +197,21 @@ def test_generation_and_a_prior_over_fsq_codes(tmp_path, data_folder):
 
 
 def test_compare_quantizers_reports_finished_runs_and_skips_the_rest(tmp_path, data_folder):
-    """The table and figure of compare_quantizers.py, from a run it finds in this folder."""
+    """The tables and figure of compare_quantizers.py, from a run it finds in this folder (it
+    trains no VQ-VAE again), with a prior over that run's codes by the same command, judged."""
     result = run("compare_quantizers.py", "--report-only", "--figure", "q.png", cwd=tmp_path,
                  check=False)
     assert_clean_failure(result, "no finished runs")
     run("VQ-VAE.py", "--output-folder", "q_lfq_s0", "--num-epochs", "1", "--data-folder",
         data_folder, "--quantizer", "lfq", "--k", "32", *QUANTIZER_RUN, cwd=tmp_path)
-    result = run("compare_quantizers.py", "--report-only", "--num-epochs", "1", "--figure", "q.png",
-                 cwd=tmp_path)
-    row = [line for line in result.stdout.splitlines() if line.startswith("| lfq | 1 |")]
-    assert len(row) == 1 and (tmp_path / "q.png").exists()
+    result = run("compare_quantizers.py", "--variants", "lfq", "--seeds", "0", "--num-epochs", "1",
+                 "--prior-epochs", "1", "--prior-flags", "--train-subset 128 --hold-out 64 "
+                 "--test-subset 64 --num-layers 2 --channels 16", "--judge-flags",
+                 "--num-samples 100 --test-subset 100", "--data-folder", data_folder,
+                 "--figure", "q.png", cwd=tmp_path)
+    assert "VQ-VAE.py" not in result.stdout and (tmp_path / "q.png").exists()
     assert json.loads(result.stdout.splitlines()[-1])["lfq"]["seeds"] == 1
+    assert (tmp_path / "models" / "prior_lfq" / "sample_quality.json").exists()
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| lfq | ")]
+    assert len(rows) == 2 and rows[0].startswith("| lfq | 1 |"), rows
+    assert rows[1].count("%") == 5, rows  # agreement under 3 judges, two-sample and its floor
