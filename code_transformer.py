@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sampling import next_codes, with_null_half
+from sampling import Sampled, next_codes, with_null_half
 
 
 @dataclass
@@ -99,30 +99,31 @@ class CodeTransformer(nn.Module):
 
     @torch.no_grad()
     def sample(self, labels, temperature=1.0, guidance_scale=1.0, top_k=None, top_p=1.0,
-               guidance_interval=None, return_logits=False):
+               guidance_interval=None, return_details=False):
         """labels (B,) -> codes (B, H, W), one token at a time; each block keeps the keys and
         values of the tokens so far, so a step runs the network on one token. The options are
         GatedPixelCNN.sample's (`sampling.next_codes`)."""
         B, H, W = len(labels), 7, 7
-        labels = with_null_half(self, labels, guidance_scale)
+        labels = with_null_half(self, labels, guidance_scale, return_details)
         N, D = len(labels), self.position.size(1)
         heads = self.blocks[0].attention.heads
         caches = [(self.position.new_zeros(N, heads, self.length, D // heads),
                    self.position.new_zeros(N, heads, self.length, D // heads))
                   for _ in self.blocks]
         codes = torch.zeros(B, H * W, dtype=torch.long, device=labels.device)
-        all_logits = []
+        all_logits, evidence = [], 0.0
         x = (self.class_embedding(labels) + self.position[0])[:, None]          # (N, 1, D)
         for t in range(H * W):
             for block, cache in zip(self.blocks, caches):
                 x = block(x, cache, t)
-            logits, codes[:, t] = next_codes(self.head(self.norm(x[:, 0])).float(),
-                                             guidance_scale, temperature, top_k, top_p,
-                                             guidance_interval, position=t)
+            logits, codes[:, t], evidence_here = next_codes(
+                self.head(self.norm(x[:, 0])).float(), guidance_scale, temperature, top_k, top_p,
+                guidance_interval, position=t, paired=N > B)
             all_logits.append(logits)                                            # (B, K)
+            evidence = None if evidence_here is None else evidence + evidence_here
             if t + 1 < H * W:
                 x = (self.code_embedding(codes[:, t]).repeat(N // B, 1) + self.position[t + 1])[:, None]
         codes = codes.view(B, H, W)
-        if return_logits:
-            return codes, torch.stack(all_logits, 2).view(B, self.K, H, W)
+        if return_details:
+            return Sampled(codes, torch.stack(all_logits, 2).view(B, self.K, H, W), evidence)
         return codes

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sampling import next_codes, with_null_half
+from sampling import Sampled, next_codes, with_null_half
 
 
 @dataclass
@@ -141,16 +141,17 @@ class GatedPixelCNN(nn.Module):
 
     @torch.no_grad()
     def sample(self, labels, temperature=1.0, guidance_scale=1.0, top_k=None, top_p=1.0,
-               guidance_interval=None, return_logits=False):
+               guidance_interval=None, return_details=False):
         """labels (B,) -> codes (B, H, W), one position at a time in raster order (in eval mode).
 
         Each layer's inputs are cached as they are produced, so every position costs one pass of
         each layer over the few inputs its kernel sees, like a transformer's key/value cache.
-        Guidance, temperature, top-k and top-p: `sampling.next_codes`; when guiding, the null-label
-        half of the batch runs alongside. With return_logits, also the guided logits
-        (B, K, H, W) each code was drawn from."""
+        Guidance, temperature, top-k and top-p: `sampling.next_codes`; when guiding (or with
+        return_details), the null-label half of the batch runs alongside. With return_details,
+        `sampling.Sampled`: also the guided logits each code was drawn from and the evidence of
+        the codes for their digit."""
         B, H, W = len(labels), 7, 7
-        labels = with_null_half(self, labels, guidance_scale)
+        labels = with_null_half(self, labels, guidance_scale, return_details)
         biases = self.class_embedding(labels).chunk(len(self.layers), dim=1)     # (N, 2C) each
         N, C, first = len(labels), self.embedding.embedding_dim, self.layers[0].half
         # Every layer's vertical input, channels last, with zeros where its kernel overhangs the
@@ -158,20 +159,21 @@ class GatedPixelCNN(nn.Module):
         v_in = [self.embedding.weight.new_zeros(N, l.half + H, l.half + W + l.half, C)
                 for l in self.layers]
         codes = torch.zeros(B, H, W, dtype=torch.long, device=labels.device)
-        all_logits = []
+        all_logits, evidence = [], 0.0
         for i in range(H):
             vertical_terms = self._vertical_row(v_in, biases, i)
             h_in = [v_in[0].new_zeros(N, l.half + W, C) for l in self.layers]   # this row's
             for j in range(W):
-                logits, codes[:, i, j] = next_codes(
+                logits, codes[:, i, j], evidence_here = next_codes(
                     self._logits_at(h_in, vertical_terms, j), guidance_scale, temperature, top_k,
-                    top_p, guidance_interval, position=i * W + j)
+                    top_p, guidance_interval, position=i * W + j, paired=N > B)
                 all_logits.append(logits)                                    # (B, K)
+                evidence = None if evidence_here is None else evidence + evidence_here
                 embedded = self.embedding(codes[:, i, j]).repeat(N // B, 1)
                 h_in[0][:, first + j] = embedded
                 v_in[0][:, first + i, first + j] = embedded
-        if return_logits:
-            return codes, torch.stack(all_logits, 2).view(B, self.K, H, W)
+        if return_details:
+            return Sampled(codes, torch.stack(all_logits, 2).view(B, self.K, H, W), evidence)
         return codes
 
     def _vertical_row(self, v_in, biases, i):

@@ -61,7 +61,7 @@ def main():
     prior = load_prior(args.prior_model, device, model.codeBook.K) if args.input == "prior" else None
     sampler = {"temperature": args.temperature, **sampler_options(
         prior, args.prior_model, args.guidance_scale, args.top_k, args.top_p,
-        args.guidance_interval)} if prior else None
+        args.guidance_interval, args.keep)} if prior else None
 
     def digits(n):
         labels = torch.arange(n, device=device) % 10 if args.digit is None else \

@@ -17,6 +17,7 @@ lost), and the Frechet distance to the test images; per source, a two-sample tes
 accuracy of a fresh small CNN trained to tell the source from the reference (50% at best).
 """
 import argparse
+import itertools
 import json
 import os
 
@@ -61,6 +62,9 @@ def build_parser():
     p.add_argument("--top-p", type=unit_float, default=1.0)
     p.add_argument("--guidance-interval", type=nonnegative_int, nargs=2, default=None,
                    metavar=("START", "STOP"), help="guide only these raster positions")
+    p.add_argument("--keeps", type=unit_float, nargs="+", default=[None], metavar="F",
+                   help="generate.py --keep: the fraction of drawn maps kept per digit, by the "
+                        "prior's own evidence (default: generate.py's default for this prior)")
     p.add_argument("--data-folder", default="data")
     p.add_argument("--test-subset", type=positive_int, default=None,
                    help="the test images compared with: the first N (default: all 10,000)")
@@ -137,17 +141,18 @@ def main():
     with torch.no_grad():
         reference = reconstructions(vqvae, train.images[held_out])
         sources = baseline_sources(vqvae, train, n, device, args.baselines)
-        for scale in args.guidance_scales:
+        for scale, keep, t in itertools.product(args.guidance_scales, args.keeps,
+                                                args.temperatures):
             sampler = sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p,
-                                      args.guidance_interval)
-            for t in args.temperatures:
-                name = f"prior, guidance {sampler['guidance_scale']:g}, temperature {t:g}" + \
-                    (f", positions {args.guidance_interval[0]}-{args.guidance_interval[1] - 1}"
-                     if args.guidance_interval else "") + \
-                    (f", top-k {args.top_k}" if args.top_k else "") + \
-                    (f", top-p {args.top_p:g}" if args.top_p < 1 else "")
-                sources[name] = (
-                    to_uint8(sample_prior(prior, vqvae, labels, temperature=t, **sampler)), labels)
+                                      args.guidance_interval, keep)
+            name = f"prior, guidance {sampler['guidance_scale']:g}, temperature {t:g}" + \
+                (f", positions {args.guidance_interval[0]}-{args.guidance_interval[1] - 1}"
+                 if args.guidance_interval else "") + \
+                (f", top-k {args.top_k}" if args.top_k else "") + \
+                (f", top-p {args.top_p:g}" if args.top_p < 1 else "") + \
+                (f", keep {sampler['keep']:g}" if sampler["keep"] < 1 else "")
+            sources[name] = (
+                to_uint8(sample_prior(prior, vqvae, labels, temperature=t, **sampler)), labels)
         floor = slice(FLOOR_START, FLOOR_START + n)
         sources["real: training images 40,000.. (the floor's originals)"] = (
             train.images[floor].unsqueeze(1), train.labels[floor])

@@ -3,41 +3,60 @@ filtering, and the draw, shared by both priors' samplers (gated_pixelcnn.py, cod
 generate.py's sampler flags; and the decoded samples, shared by generate.py, sample_quality.py and
 benchmark.py.
 """
+import math
+from typing import NamedTuple, Optional
+
 import torch
+import torch.nn.functional as F
 
 from cli import fail, nonnegative_float, nonnegative_int, positive_int, unit_float
 
 # generate.py's default --guidance-scale, measured in RESULTS.md "The prior": the scale at which the
 # committed prior's samples at temperature 1.0 are judged best by the repo's two judges.
 DEFAULT_GUIDANCE_SCALE = 1.4
+# generate.py's default --keep, measured in RESULTS.md "The prior under three judges".
+DEFAULT_KEEP = 1.0
 
 
-def with_null_half(prior, labels, guidance_scale):
-    """labels (B,) -> (N,): the same, followed when guiding by B null labels ("no digit"), so that
-    one batch runs both the conditional and the unconditional prior."""
-    if guidance_scale == 1.0:
-        return labels
-    if prior.null_label is None:
+class Sampled(NamedTuple):
+    """What a prior's `sample(..., return_details=True)` returns."""
+    codes: torch.Tensor                # (B, H, W)
+    logits: torch.Tensor               # (B, K, H, W): the guided logits each code was drawn from
+    evidence: Optional[torch.Tensor]   # (B,): log p(codes | digit) - log p(codes | no digit), in
+                                       # nats; None for a prior trained without label dropout
+
+
+def with_null_half(prior, labels, guidance_scale, evidence=False):
+    """labels (B,) -> (N,): the same, followed when guiding (or for the evidence, where the prior
+    has an unconditional half) by B null labels ("no digit"), so that one batch runs both the
+    conditional and the unconditional prior."""
+    if guidance_scale != 1.0 and prior.null_label is None:
         raise ValueError("guidance needs a prior trained with label dropout")
+    if guidance_scale == 1.0 and not (evidence and prior.null_label is not None):
+        return labels
     return torch.cat([labels, torch.full_like(labels, prior.null_label)])
 
 
 def next_codes(logits, guidance_scale=1.0, temperature=1.0, top_k=None, top_p=1.0,
-               guidance_interval=None, position=0):
-    """logits (N, K) float32 for one position, the null-label half after the conditional one when
-    guiding -> (the guided logits (B, K), the codes drawn from them (B,)).
+               guidance_interval=None, position=0, paired=False):
+    """logits (N, K) float32 for one position, with (`paired`) the null-label half after the
+    conditional one -> (the guided logits (B, K), the codes drawn from them (B,), and when paired
+    the evidence those codes add for the digit, log p(code | digit) - log p(code | no digit) (B,),
+    else None).
 
     Guidance mixes conditional c and unconditional u logits as u + s (c - u) (Ho and Salimans
     2022, "Classifier-Free Diffusion Guidance", eq. 6, applied to logits); with a
     `guidance_interval` (start, stop) of raster positions, only there (Kynkaanniemi et al. 2024
     guide a limited interval of noise levels; here, of positions): elsewhere the conditional
     logits alone. Then temperature, then top-k / nucleus filtering."""
-    if guidance_scale != 1.0:
-        conditional, unconditional = logits.chunk(2)
-        start, stop = guidance_interval or (0, float("inf"))
-        logits = unconditional + guidance_scale * (conditional - unconditional) \
-            if start <= position < stop else conditional
-    return logits, draw(filter_logits(logits / temperature, top_k, top_p))
+    conditional, unconditional = logits.chunk(2) if paired else (logits, None)
+    start, stop = guidance_interval or (0, float("inf"))
+    guided = unconditional + guidance_scale * (conditional - unconditional) \
+        if guidance_scale != 1.0 and start <= position < stop else conditional
+    codes = draw(filter_logits(guided / temperature, top_k, top_p))
+    evidence = None if unconditional is None else \
+        (F.log_softmax(conditional, 1) - F.log_softmax(unconditional, 1)).gather(1, codes[:, None])[:, 0]
+    return guided, codes, evidence
 
 
 def draw(logits):
@@ -78,11 +97,18 @@ def add_sampler_flags(parser):
                         help="sample among the K most likely codes only")
     parser.add_argument("--top-p", type=unit_float, default=1.0,
                         help="nucleus sampling: among the most likely codes holding this mass")
+    parser.add_argument("--keep", type=unit_float, default=None, metavar="F",
+                        help="draw 1/F times the maps of each digit and keep the fraction F the "
+                             "prior itself finds most like that digit (largest log p(codes | "
+                             "digit) - log p(codes | no digit)); 1 keeps every map. Default "
+                             f"{DEFAULT_KEEP} (measured: RESULTS.md), 1 for a prior trained "
+                             "without --label-dropout")
 
 
-def sampler_options(prior, prior_path, scale=None, top_k=None, top_p=1.0, interval=None):
-    """The sampler flags (--guidance-scale None: the default for this prior) -> keyword arguments
-    of the prior's `sample` (temperature aside)."""
+def sampler_options(prior, prior_path, scale=None, top_k=None, top_p=1.0, interval=None,
+                    keep=None):
+    """The sampler flags (--guidance-scale, --keep None: the default for this prior) -> keyword
+    arguments of `sample_codes` (temperature aside)."""
     if interval is not None and not interval[0] < interval[1] <= 49:
         fail(f"--guidance-interval {interval[0]} {interval[1]}: expected START < STOP <= 49 "
              "(raster positions of the 7x7 code map)")
@@ -91,11 +117,43 @@ def sampler_options(prior, prior_path, scale=None, top_k=None, top_p=1.0, interv
     elif scale != 1.0 and prior.null_label is None:
         fail(f"--guidance-scale {scale}: --prior-model {prior_path} was trained without "
              "--label-dropout, so it has no unconditional half to guide with (use 1)")
+    if keep is None:
+        keep = DEFAULT_KEEP if prior.null_label is not None else 1.0
+    elif keep != 1.0 and prior.null_label is None:
+        fail(f"--keep {keep}: --prior-model {prior_path} was trained without --label-dropout, so "
+             "it cannot weigh a map's evidence for its digit (use 1)")
     return {"guidance_scale": scale, "top_k": top_k, "top_p": top_p,
-            "guidance_interval": tuple(interval) if interval else None}
+            "guidance_interval": tuple(interval) if interval else None, "keep": keep}
+
+
+def sample_codes(prior, labels, keep=1.0, batch_size=1000, **sampler):
+    """labels (N,) -> code maps (N, 7, 7); `sampler`: the prior's `sample`'s options.
+
+    keep < 1 (rejection by the prior's own class evidence): for each digit d asked for n times,
+    ceil(n / keep) maps are drawn and the n with the largest evidence log p(codes | d) -
+    log p(codes | no digit) are kept, in the order drawn. That evidence is the log-likelihood
+    ratio of the prior's implicit classifier, p(d | codes) being proportional to p(codes | d)
+    p(d) / p(codes): the maps dropped are those the prior itself finds least like the digit asked
+    for, while guidance alone tilts every map towards the digit's most typical ones."""
+    if keep == 1.0:
+        return torch.cat([prior.sample(y, **sampler) for y in labels.split(batch_size)])
+    digits = labels.unique()
+    asked = [(labels == d).nonzero()[:, 0] for d in digits]                     # positions
+    drawn_labels = torch.cat([torch.full((math.ceil(len(where) / keep),), d, device=labels.device)
+                              for d, where in zip(digits.tolist(), asked)])
+    drawn = [prior.sample(y, return_details=True, **sampler) for y in drawn_labels.split(batch_size)]
+    codes = torch.cat([result.codes for result in drawn])
+    evidence = torch.cat([result.evidence for result in drawn])
+    kept = codes.new_empty(len(labels), *codes.shape[1:])
+    for d, where in zip(digits, asked):
+        candidates = (drawn_labels == d).nonzero()[:, 0]
+        best = evidence[candidates].topk(len(where)).indices.sort().values
+        kept[where] = codes[candidates[best]]
+    return kept
 
 
 def sample_prior(prior, vqvae, labels, batch_size=1000, **sampler):
-    """labels (N,) -> decoded images (N, 1, 28, 28) in [-1, 1]; `sampler`: the prior's `sample`'s
+    """labels (N,) -> decoded images (N, 1, 28, 28) in [-1, 1]; `sampler`: `sample_codes`'
     options."""
-    return torch.cat([vqvae.decode(prior.sample(y, **sampler)) for y in labels.split(batch_size)])
+    codes = sample_codes(prior, labels, batch_size=batch_size, **sampler)
+    return torch.cat([vqvae.decode(c) for c in codes.split(batch_size)])

@@ -71,11 +71,12 @@ def test_generate_digit_draws_that_digit(tmp_path, data_folder):
 
 
 @pytest.mark.parametrize("case", ["missing", "digit", "temperature", "other_k", "vqvae_as_prior",
-                                  "guidance_without_null_label", "top_p", "guidance_interval"])
+                                  "guidance_without_null_label", "keep_without_null_label", "top_p",
+                                  "guidance_interval"])
 def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
     cwd, _ = trained_prior
     vqvae, prior = str(cwd / "models/tiny/best.pt"), str(cwd / "models/prior/best.pt")
-    if case in ("other_k", "guidance_without_null_label"):
+    if case in ("other_k", "guidance_without_null_label", "keep_without_null_label"):
         other = tmp_path / "other.pt"
         checkpoint = torch.load(prior, weights_only=True)
         if case == "other_k":
@@ -94,6 +95,8 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
         "vqvae_as_prior": (["--prior-model", vqvae], ["vqvae checkpoint", "--prior-model"]),
         "guidance_without_null_label": (["--prior-model", prior, "--guidance-scale", "2"],
                                         ["--guidance-scale", "--label-dropout"]),
+        "keep_without_null_label": (["--prior-model", prior, "--guidance-scale", "1", "--keep",
+                                     "0.5"], ["--keep 0.5", "--label-dropout"]),
         "top_p": (["--prior-model", prior, "--top-p", "1.5"], ["--top-p"]),
         "guidance_interval": (["--prior-model", prior, "--guidance-interval", "30", "20"],
                               ["--guidance-interval 30 20", "START < STOP"]),

@@ -72,16 +72,20 @@ def test_prior_conditioning_and_sampling(arch):
         assert not torch.allclose(prior(codes, torch.tensor([0, 0])), prior(codes, torch.tensor([0, 7])))
         labels = torch.tensor([0, 3, 7, 9, 10])          # 10: the null label, no digit
         # the cached sampler's logits at every position are the full forward pass's
-        sampled, logits = prior.sample(labels, return_logits=True)
+        sampled, logits, evidence = prior.sample(labels, return_details=True)
         torch.testing.assert_close(logits, prior(sampled, labels), atol=1e-4, rtol=1e-4)
+        # the evidence: log p(codes | label) - log p(codes | no digit), summed over the 49 codes
+        log_p = lambda y: prior(sampled, y).log_softmax(1).gather(1, sampled[:, None]).sum((1, 2, 3))  # noqa: E731
+        torch.testing.assert_close(evidence, log_p(labels) - log_p(torch.full_like(labels, 10)),
+                                   atol=1e-3, rtol=1e-4)
         # guided: u + s (c - u), the unconditional half run in the same batch
         labels = labels[:4]
-        sampled, logits = prior.sample(labels, guidance_scale=2.5, return_logits=True)
+        sampled, logits, _ = prior.sample(labels, guidance_scale=2.5, return_details=True)
         u, c = prior(sampled, torch.full_like(labels, 10)), prior(sampled, labels)
         torch.testing.assert_close(logits, u + 2.5 * (c - u), atol=1e-4, rtol=1e-4)
         # guided on raster positions 0-19 only: the conditional logits alone after them
-        sampled, logits = prior.sample(labels, guidance_scale=2.5, guidance_interval=(0, 20),
-                                       return_logits=True)
+        sampled, logits, _ = prior.sample(labels, guidance_scale=2.5, guidance_interval=(0, 20),
+                                          return_details=True)
         u, c = prior(sampled, torch.full_like(labels, 10)), prior(sampled, labels)
         guided = (u + 2.5 * (c - u)).flatten(2)
         torch.testing.assert_close(logits.flatten(2)[..., :20], guided[..., :20], atol=1e-4,
@@ -136,6 +140,38 @@ def test_sampler_draws_from_the_filtered_distribution():
     assert kept(top_p=0.81) == [True, True, True, False, False]
     assert kept(top_p=0.3) == [True, False, False, False, False]
     assert kept(top_k=3, top_p=1.0) == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("arch", ["gated_pixelcnn", "transformer"])
+def test_keep_rejects_the_maps_with_the_least_evidence_for_their_digit(arch):
+    """sample_codes(keep=F): ceil(n / F) maps drawn per digit, the n of most evidence kept (each
+    digit's count as asked); keep=1 is the plain sampler, draw for draw."""
+    from sampling import sample_codes
+    torch.manual_seed(0)
+    prior = small(arch, num_layers=2, unconditional=True).eval()
+    for parameter in prior.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    labels = torch.tensor([3, 3, 3, 3, 7, 7, 0, 3])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        plain = prior.sample(labels, guidance_scale=1.5)
+        torch.manual_seed(1)
+        assert torch.equal(sample_codes(prior, labels, keep=1.0, guidance_scale=1.5), plain)
+        torch.manual_seed(1)
+        kept = sample_codes(prior, labels, keep=0.5, guidance_scale=1.5, batch_size=7)
+        torch.manual_seed(1)  # what it drew, digit by digit (0, 3, 7), in batches of 7
+        drawn_labels = torch.tensor([0, 0] + [3] * 10 + [7] * 4)
+        drawn = [prior.sample(y, guidance_scale=1.5, return_details=True)
+                 for y in drawn_labels.split(7)]
+    codes, evidence = torch.cat([d.codes for d in drawn]), torch.cat([d.evidence for d in drawn])
+    for digit in (0, 3, 7):
+        candidates = (drawn_labels == digit).nonzero()[:, 0]
+        n = int((labels == digit).sum())
+        best = candidates[evidence[candidates].topk(n).indices.sort().values]
+        assert torch.equal(kept[labels == digit], codes[best])
+        dropped = candidates[~torch.isin(candidates, best)]
+        assert len(dropped) == len(candidates) - n and evidence[best].min() >= evidence[dropped].max()
+    assert not torch.equal(kept, plain)
 
 
 def test_prior_ema_follows_the_weights():
