@@ -76,9 +76,12 @@ def parse_args(argv=None):
     if not 0 < args.hold_out < TRAIN_IMAGES:
         fail(f"--hold-out {args.hold_out}: expected 1 to {TRAIN_IMAGES - 1} images")
     train_images = min(args.train_subset or TRAIN_IMAGES, TRAIN_IMAGES - args.hold_out)
-    if train_images % args.batch_size == 1:  # BatchNorm cannot train on a batch of one image
-        fail(f"--batch-size {args.batch_size}: the {train_images} training images would end each "
-             f"epoch with a batch of one image; expected another batch size")
+    # The MLP's BatchNorm1d has no statistics over one image (the CNN's BatchNorm2d averages
+    # over its pixels too, so it trains on any batch).
+    if args.arch == "mlp" and (args.batch_size == 1 or train_images % args.batch_size == 1):
+        fail(f"--batch-size {args.batch_size}: the {train_images} training images would give the "
+             f"mlp judge a batch of one image, which BatchNorm cannot train on; expected another "
+             f"batch size")
     return args, checkpoint
 
 

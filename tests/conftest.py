@@ -45,15 +45,20 @@ def run(script, *args, cwd, check=True):
 _scripts = {}
 
 
-def run_in_process(script, args, cwd):
-    """The script's `main` with sys.argv, the working folder and stdout/stderr swapped for the
-    call; SystemExit becomes the return code, as a process's exit status would."""
+def load_script(script):
+    """A top-level script as a module (VQ-VAE.py's name is not importable as is), loaded once."""
     if script not in _scripts:
         spec = importlib.util.spec_from_file_location(script[:-3].replace("-", "_"),
                                                       os.path.join(REPO, script))
         _scripts[script] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(_scripts[script])
-    module, here, argv = _scripts[script], os.getcwd(), sys.argv
+    return _scripts[script]
+
+
+def run_in_process(script, args, cwd):
+    """The script's `main` with sys.argv, the working folder and stdout/stderr swapped for the
+    call; SystemExit becomes the return code, as a process's exit status would."""
+    module, here, argv = load_script(script), os.getcwd(), sys.argv
     stdout, stderr, code = io.StringIO(), io.StringIO(), 0
     try:
         os.chdir(cwd)

@@ -3,14 +3,13 @@ RESULTS.md's guarantees with the tests that check them, section pointers with th
 script imports another script."""
 import ast
 import glob
-import importlib.util
 import multiprocessing as mp
 import os
 import re
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 
 def read(name):
@@ -56,11 +55,7 @@ def readme_flag_tables():
 
 
 def parser_of(script):
-    spec = importlib.util.spec_from_file_location(script[:-3].replace("-", "_"),
-                                                  os.path.join(REPO, script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_parser()
+    return load_script(script).build_parser()
 
 
 def same_default(written, default):

@@ -5,17 +5,8 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, run
+from conftest import REPO, load_script, run
 from data import MNISTSplit
-
-
-def classifier_script():
-    """classifier.py as a module (its name is not importable as is)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("classifier", os.path.join(REPO, "classifier.py"))
-    classifier = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(classifier)
-    return classifier
 
 
 JUDGE_NAMES = ("classifier", "classifier_mlp", "classifier_aug")
@@ -121,7 +112,7 @@ def test_distribution_measures_agree_with_known_answers():
 def test_third_judge_trains_on_shifted_and_rotated_digits():
     """classifier.py --augment: every image moved and turned by its own small random affine map
     (none at zero range), the background kept at -1; the committed third judge was trained so."""
-    classifier = classifier_script()
+    classifier = load_script("classifier.py")
     images = -torch.ones(64, 1, 28, 28)
     images[:, :, 10:18, 12:16] = 1
     torch.testing.assert_close(classifier.shift_and_rotate(images, 0, 0), images)
@@ -134,11 +125,12 @@ def test_third_judge_trains_on_shifted_and_rotated_digits():
 
 
 def test_classifier_refuses_a_last_batch_of_one_image(capsys):
-    """BatchNorm cannot train on one image: a subset that would end each epoch so is refused at
-    the command line, before anything is written."""
-    classifier = classifier_script()
-    with pytest.raises(SystemExit) as exit_:
-        classifier.parse_args(["--train-subset", "129", "--batch-size", "128"])
-    assert exit_.value.code == 2 and "--batch-size 128" in capsys.readouterr().err
-    args, _ = classifier.parse_args(["--train-subset", "130", "--batch-size", "128"])
-    assert args.train_subset == 130
+    """The MLP judge's BatchNorm1d cannot train on one image: a batch size that would give it one
+    is refused at the command line, before anything is written."""
+    classifier = load_script("classifier.py")
+    for flags in (["--train-subset", "129", "--batch-size", "128"], ["--batch-size", "1"]):
+        with pytest.raises(SystemExit) as exit_:
+            classifier.parse_args(["--arch", "mlp", *flags])
+        assert exit_.value.code == 2 and f"--batch-size {flags[-1]}" in capsys.readouterr().err
+    for flags in (["--arch", "mlp", "--train-subset", "130"], ["--train-subset", "129"]):
+        args, _ = classifier.parse_args([*flags, "--batch-size", "128"])  # the CNN trains on one
