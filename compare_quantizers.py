@@ -22,9 +22,9 @@ epoch (mean over the seeds) for every variant.
 
 With --prior-epochs N, one prior per variant over the first seed's codes, by the same command
 (`pixelcnn_prior.py --vqvae-model models/q_<variant>_s<seed>/last.pt --output-folder
-prior_<variant> --num-epochs N --seed <seed>`, resumed if interrupted), judged by `sample_quality.py
---json --no-baselines` at generate.py's default sampler (written to
-models/prior_<variant>/sample_quality.json); the second table: the prior's test NLL, and per judge
+prior_<variant>_s<seed> --num-epochs N --seed <seed>`, resumed if interrupted), judged by
+`sample_quality.py --json --no-baselines` at generate.py's default sampler (written to
+models/prior_<variant>_s<seed>/sample_quality.json); the second table: the prior's test NLL, and per judge
 the class agreement and the Frechet distance as a multiple of its floor (that VQ-VAE's
 reconstructions of other training images), the CNN judge's recall, the two-sample accuracy.
 --prior-flags and --judge-flags pass more flags to those two scripts (e.g. a quick look on fewer
@@ -88,12 +88,14 @@ def run_script(script, flags, name, capture=False):
     print(" ".join(command[1:]), flush=True)
     result = subprocess.run(command, stdout=subprocess.PIPE if capture else None)
     if result.returncode:
-        fail(f"{name}: {script} failed (its error is above); rerun to resume")
+        fail(f"{name}: {script} failed (its error is above); rerun to go on from there")
     return result.stdout
 
 
 def being_trained(name):
-    """Whether another process (a second comparison, a shell) is training models/<name> now."""
+    """Whether another process (a second comparison, a shell) is training models/<name> now.
+    (Checked, not held: the trainer takes the folder itself, so a second comparison that gets
+    here in the same instant stops on that trainer's one-line refusal.)"""
     folder = os.path.join("models", name)
     claim = claim_folder(folder) if os.path.isdir(folder) else None
     if os.path.isdir(folder) and claim is None:
@@ -118,67 +120,88 @@ def train(variant, seed, args):
     run_script("VQ-VAE.py", flags, name)
 
 
+def prior_name(variant, seed):
+    return f"prior_{variant}_s{seed}"
+
+
 def train_and_judge_prior(variant, seed, args):
-    """The prior over one variant's codes, then its sample_quality.json (each skipped when done)."""
-    name, vqvae = f"prior_{variant}", os.path.join("models", run_name(variant, seed), "last.pt")
+    """The prior over one variant's codes, then its sample_quality.json (each skipped when done;
+    delete the folder to redo them, e.g. with other --prior-flags or --judge-flags)."""
+    name, vqvae = prior_name(variant, seed), os.path.join("models", run_name(variant, seed), "last.pt")
     where = ["--data-folder", args.data_folder, "--device", args.device]
     if state(run_name(variant, seed), args.num_epochs) != "done":
         print(f"{name}: {vqvae} has not finished, skipped", flush=True)
         return
     status = state(name, args.prior_epochs, "prior", "--prior-epochs")
+    if status != "missing":
+        trained_on = load_checkpoint(os.path.join("models", name, "last.pt"), "prior",
+                                     "--prior-epochs")["run_config"]["vqvae_model"]
+        if os.path.normpath(trained_on) != os.path.normpath(vqvae):
+            fail(f"models/{name}/ is a prior over {trained_on}, not {vqvae}; move it away")
     if status != "done" and being_trained(name):
         return
     if status == "missing":
         run_script("pixelcnn_prior.py", ["--vqvae-model", vqvae, "--output-folder", name,
                                          "--num-epochs", str(args.prior_epochs), "--seed", str(seed),
-                                         *shlex.split(args.prior_flags), *where], name)
+                                         *args.prior_flags, *where], name)
     elif status == "unfinished":
         run_script("pixelcnn_prior.py", ["--resume", os.path.join("models", name, "last.pt"),
                                          *where], name)
     report = os.path.join("models", name, "sample_quality.json")
-    if not os.path.isfile(report):
-        stdout = run_script("sample_quality.py", [
-            "--model", vqvae, "--prior-model", os.path.join("models", name, "best.pt"), "--json",
-            "--no-baselines", *shlex.split(args.judge_flags), *where], name, capture=True)
-        with atomic_write(report) as f:
-            f.write(stdout)
+    claim = None if os.path.isfile(report) else claim_folder(os.path.join("models", name))
+    if claim is None:  # judged already, or being judged by another comparison
+        return
+    stdout = run_script("sample_quality.py", [
+        "--model", vqvae, "--prior-model", os.path.join("models", name, "best.pt"), "--json",
+        "--no-baselines", *args.judge_flags, *where], name, capture=True)
+    with atomic_write(report) as f:
+        f.write(stdout)
+    claim.release()
 
 
-def prior_row(variant):
-    """-> the cells of the prior table for one variant, or None before its prior is judged."""
-    folder = os.path.join("models", f"prior_{variant}")
-    if not os.path.isfile(os.path.join(folder, "sample_quality.json")):
+def prior_rows(variant, seed):
+    """-> ({row label: cells} of the prior table, one row per sampler judged, the judges), or None
+    before the prior is judged."""
+    folder = os.path.join("models", prior_name(variant, seed))
+    path = os.path.join(folder, "sample_quality.json")
+    if not os.path.isfile(path):
         return None
-    nll = torch.load(os.path.join(folder, "best.pt"), map_location="cpu",
-                     weights_only=True)["metrics"]["test_bits_per_map"]
-    with open(os.path.join(folder, "sample_quality.json")) as f:
-        report = json.load(f)
-    rows = {row["source"]: row for row in report["rows"]}
-    floor = rows[report["floor"]]
-    prior = next(row for source, row in rows.items() if source.startswith("prior"))
-    cells = [f"{nll:.1f}"] + [
-        f"{100 * prior['judges'][j]['agreement']:.1f}%, "
-        f"{prior['judges'][j]['frechet_distance'] / floor['judges'][j]['frechet_distance']:.2f}x"
-        for j in prior["judges"]]
-    cnn = next(iter(prior["judges"]))
-    cells += [f"{prior['judges'][cnn]['recall']:.3f} ({floor['judges'][cnn]['recall']:.3f})",
-              f"{100 * prior['two_sample_accuracy']:.1f}% "
-              f"({100 * floor['two_sample_accuracy']:.1f}%)"]
-    return {"source": prior["source"], "judges": list(prior["judges"]), "cells": cells}
+    nll = load_checkpoint(os.path.join(folder, "best.pt"), "prior",
+                          "--prior-epochs")["metrics"]["test_bits_per_map"]
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        rows = {row["source"]: row for row in report["rows"]}
+        floor = rows[report["floor"]]["judges"], rows[report["floor"]]["two_sample_accuracy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        fail(f"{path}: not a report of sample_quality.py --json; delete it to judge again")
+    table, judges = {}, list(floor[0])
+    for source, row in rows.items():
+        if not source.startswith("prior"):
+            continue
+        mine = row["judges"]
+        cells = [f"{nll:.1f}"] + [
+            f"{100 * mine[j]['agreement']:.1f}%, "
+            f"{mine[j]['frechet_distance'] / floor[0][j]['frechet_distance']:.2f}x" for j in judges]
+        cells += [f"{mine[judges[0]]['recall']:.3f} ({floor[0][judges[0]]['recall']:.3f})",
+                  f"{100 * row['two_sample_accuracy']:.1f}% ({100 * floor[1]:.1f}%)"]
+        table[f"{variant} ({source})"] = cells
+    return table, judges
 
 
 def print_prior_table(variants, seed):
-    rows = {v: row for v in variants if (row := prior_row(v))}
-    if not rows:
+    found = [rows for v in variants if (rows := prior_rows(v, seed)) is not None]
+    if not found:
         return
-    first = next(iter(rows.values()))
-    print(f"\npriors over seed {seed}'s codes, {first['source']}; per judge agreement, Frechet "
-          f"as a multiple of the floor; recall ({first['judges'][0]}) and two-sample (floor)\n")
-    print("| quantizer | prior test NLL, bits per map | " + " | ".join(first["judges"]) +
+    judges = found[0][1]
+    print(f"\npriors over seed {seed}'s codes; per judge class agreement and Frechet distance as a "
+          f"multiple of the floor's; recall under {judges[0]} and two-sample accuracy (floor)\n")
+    print("| quantizer (sampler) | prior test NLL, bits per map | " + " | ".join(judges) +
           " | recall | two-sample |")
-    print("| --- " * (len(first["cells"]) + 1) + "|")
-    for variant, row in rows.items():
-        print(f"| {variant} | " + " | ".join(row["cells"]) + " |")
+    print("| --- " * (len(judges) + 4) + "|")
+    for rows, _ in found:
+        for label, cells in rows.items():
+            print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def curves(name):
@@ -247,6 +270,12 @@ def main():
     add_data_and_device_flags(p)
     args = p.parse_args()
     args.seeds = list(dict.fromkeys(args.seeds))  # a seed given twice is one run
+    for flag in ("prior_flags", "judge_flags"):
+        try:
+            setattr(args, flag, shlex.split(getattr(args, flag)))
+        except ValueError as e:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {e}; expected flags as typed "
+                 f"in a shell")
     if not args.report_only:
         for seed in args.seeds:  # every variant's seed 0 first: a cut-short sweep stays balanced
             for variant in args.variants:

@@ -49,6 +49,8 @@ def next_codes(logits, guidance_scale=1.0, temperature=1.0, top_k=None, top_p=1.
     `guidance_interval` (start, stop) of raster positions, only there (Kynkaanniemi et al. 2024
     guide a limited interval of noise levels; here, of positions): elsewhere the conditional
     logits alone. Then temperature, then top-k / nucleus filtering."""
+    if guidance_scale != 1.0 and not paired:
+        raise ValueError("guidance needs the null-label half of the batch (paired=True)")
     conditional, unconditional = logits.chunk(2) if paired else (logits, None)
     start, stop = guidance_interval or (0, float("inf"))
     guided = unconditional + guidance_scale * (conditional - unconditional) \
@@ -137,9 +139,14 @@ def sample_codes(prior, labels, keep=1.0, batch_size=1000, **sampler):
     for, while guidance alone tilts every map towards the digit's most typical ones."""
     if keep == 1.0:
         return torch.cat([prior.sample(y, **sampler) for y in labels.split(batch_size)])
+    if prior.null_label is None:
+        raise ValueError("keep < 1 needs a prior trained with label dropout (the evidence compares "
+                         "it with and without the digit)")
     digits = labels.unique()
     asked = [(labels == d).nonzero()[:, 0] for d in digits]                     # positions
-    drawn_labels = torch.cat([torch.full((math.ceil(len(where) / keep),), d, device=labels.device)
+    # round() first: 21 / 0.7 is 30.000000000000004 in floating point, and ceil would make it 31
+    drawn_labels = torch.cat([torch.full((math.ceil(round(len(where) / keep, 6)),), d,
+                                         device=labels.device)
                               for d, where in zip(digits.tolist(), asked)])
     drawn = [prior.sample(y, return_details=True, **sampler) for y in drawn_labels.split(batch_size)]
     codes = torch.cat([result.codes for result in drawn])

@@ -75,14 +75,16 @@ def test_prior_conditioning_and_sampling(arch):
         sampled, logits, evidence = prior.sample(labels, return_details=True)
         torch.testing.assert_close(logits, prior(sampled, labels), atol=1e-4, rtol=1e-4)
         # the evidence: log p(codes | label) - log p(codes | no digit), summed over the 49 codes
-        log_p = lambda y: prior(sampled, y).log_softmax(1).gather(1, sampled[:, None]).sum((1, 2, 3))  # noqa: E731
-        torch.testing.assert_close(evidence, log_p(labels) - log_p(torch.full_like(labels, 10)),
-                                   atol=1e-3, rtol=1e-4)
+        def evidence_of(codes, labels):
+            log_p = lambda y: prior(codes, y).log_softmax(1).gather(1, codes[:, None]).sum((1, 2, 3))  # noqa: E731
+            return log_p(labels) - log_p(torch.full_like(labels, 10))
+        torch.testing.assert_close(evidence, evidence_of(sampled, labels), atol=1e-3, rtol=1e-4)
         # guided: u + s (c - u), the unconditional half run in the same batch
         labels = labels[:4]
-        sampled, logits, _ = prior.sample(labels, guidance_scale=2.5, return_details=True)
+        sampled, logits, evidence = prior.sample(labels, guidance_scale=2.5, return_details=True)
         u, c = prior(sampled, torch.full_like(labels, 10)), prior(sampled, labels)
         torch.testing.assert_close(logits, u + 2.5 * (c - u), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(evidence, evidence_of(sampled, labels), atol=1e-3, rtol=1e-4)
         # guided on raster positions 0-19 only: the conditional logits alone after them
         sampled, logits, _ = prior.sample(labels, guidance_scale=2.5, guidance_interval=(0, 20),
                                           return_details=True)

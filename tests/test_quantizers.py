@@ -196,22 +196,27 @@ def test_generation_and_a_prior_over_fsq_codes(tmp_path, data_folder):
                for name in ("MNIST", "random", "prior"))
 
 
-def test_compare_quantizers_reports_finished_runs_and_skips_the_rest(tmp_path, data_folder):
-    """The tables and figure of compare_quantizers.py, from a run it finds in this folder (it
-    trains no VQ-VAE again), with a prior over that run's codes by the same command, judged."""
+def test_compare_quantizers_trains_what_is_missing_and_reports(tmp_path, data_folder):
+    """compare_quantizers.py over a VQ-VAE run it finds in this folder (trained by hand here: it
+    trains no VQ-VAE again) and a prior over that run's codes by the same command, judged: both
+    tables and the figure; a second call finds everything done and only reports."""
     result = run("compare_quantizers.py", "--report-only", "--figure", "q.png", cwd=tmp_path,
                  check=False)
     assert_clean_failure(result, "no finished runs")
     run("VQ-VAE.py", "--output-folder", "q_lfq_s0", "--num-epochs", "1", "--data-folder",
         data_folder, "--quantizer", "lfq", "--k", "32", *QUANTIZER_RUN, cwd=tmp_path)
-    result = run("compare_quantizers.py", "--variants", "lfq", "--seeds", "0", "--num-epochs", "1",
-                 "--prior-epochs", "1", "--prior-flags", "--train-subset 128 --hold-out 64 "
-                 "--test-subset 64 --num-layers 2 --channels 16", "--judge-flags",
-                 "--num-samples 100 --test-subset 100", "--data-folder", data_folder,
-                 "--figure", "q.png", cwd=tmp_path)
+    compare = ["compare_quantizers.py", "--variants", "lfq", "--seeds", "0", "--num-epochs", "1",
+               "--prior-epochs", "1", "--prior-flags", "--train-subset 128 --hold-out 64 "
+               "--test-subset 64 --num-layers 2 --channels 16", "--judge-flags",
+               "--num-samples 100 --test-subset 100", "--data-folder", data_folder,
+               "--figure", "q.png"]
+    result = run(*compare, cwd=tmp_path)
     assert "VQ-VAE.py" not in result.stdout and (tmp_path / "q.png").exists()
+    assert "pixelcnn_prior.py" in result.stdout and "sample_quality.py" in result.stdout
     assert json.loads(result.stdout.splitlines()[-1])["lfq"]["seeds"] == 1
-    assert (tmp_path / "models" / "prior_lfq" / "sample_quality.json").exists()
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| lfq | ")]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| lfq ")]
     assert len(rows) == 2 and rows[0].startswith("| lfq | 1 |"), rows
-    assert rows[1].count("%") == 5, rows  # agreement under 3 judges, two-sample and its floor
+    assert rows[1].startswith("| lfq (prior, guidance") and rows[1].count("%") == 5, rows
+    again = run(*compare, cwd=tmp_path)
+    assert "pixelcnn_prior.py" not in again.stdout and "sample_quality.py" not in again.stdout
+    assert again.stdout.count("| lfq ") == 2
