@@ -55,13 +55,13 @@ def test_generate_from_prior(trained_prior):
 
 def test_generate_digit_draws_that_digit(tmp_path, data_folder):
     """--digit 3 with the committed models: the committed judge reads (nearly) all samples as 3s
-    (README: 99% agreement at the default sampler; this is temperature 0.7)."""
+    (README: 99% agreement at the default sampler; this is temperature 0.7, keeping 4 maps of 5)."""
     from checkpoints import load_classifier
     from data import normalize
     pretrained = os.path.join(REPO, "models", "pretrained")
     run("generate.py", "--model", os.path.join(pretrained, "vqvae_mnist.pt"), "--input", "prior",
         "--prior-model", os.path.join(pretrained, "prior_mnist.pt"), "--digit", "3",
-        "--temperature", "0.7", "--num-samples", "50", "--samples-out", "threes.pt",
+        "--temperature", "0.7", "--keep", "0.8", "--num-samples", "50", "--samples-out", "threes.pt",
         "--filename", "threes", cwd=tmp_path)
     judge = load_classifier(os.path.join(pretrained, "classifier.pt"), "cpu")
     samples = torch.load(tmp_path / "threes.pt", weights_only=True)

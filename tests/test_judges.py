@@ -14,21 +14,22 @@ FIGURES = {"agreement", "frechet_distance", "kid", "precision", "recall", "frech
 
 
 def test_sample_quality_reports_every_source(trained_prior, data_folder):
-    """Every source under the three committed judges with every figure, the two-sample test, the
-    floor (reconstructions of another slice); agreement is each judge's accuracy on what it is
+    """Every source (each guidance scale x keep) under the three committed judges with every
+    figure, the two-sample test, the floor (reconstructions of another slice); agreement is each judge's accuracy on what it is
     shown (for real images checked here by hand); the tiny prior held the reference out."""
     from checkpoints import load_classifier
     from data import normalize
     cwd, _ = trained_prior
     result = run("sample_quality.py", "--model", "models/tiny/best.pt", "--prior-model",
                  "models/prior/best.pt", "--num-samples", "200", "--guidance-scales", "1", "3",
-                 "--data-folder", data_folder, "--test-subset", "1000", "--json", cwd=cwd)
+                 "--keeps", "1", "0.5", "--data-folder", data_folder, "--test-subset", "1000",
+                 "--json", cwd=cwd)
     report = json.loads(result.stdout)
     assert report["prior_saw_the_reference"] is False  # trained with --hold-out
     rows = {row["source"]: row for row in report["rows"]}
-    assert len(rows) == 7 and all(row["images"] == 200 for row in rows.values())
+    assert len(rows) == 9 and all(row["images"] == 200 for row in rows.values())
     assert {"prior, guidance 1, temperature 1", "prior, guidance 3, temperature 1",
-            report["floor"]} <= rows.keys()
+            "prior, guidance 1, temperature 1, keep 0.5", report["floor"]} <= rows.keys()
     for row in rows.values():
         assert 0 <= row["two_sample_accuracy"] <= 1 and set(row["judges"]) == set(JUDGE_NAMES)
         assert all(FIGURES == set(figures) for figures in row["judges"].values())
