@@ -4,14 +4,16 @@
     python generate.py --model models/pretrained/vqvae_mnist.pt --input random --filename noise
     python generate.py --model models/pretrained/vqvae_mnist.pt --input prior \\
         --prior-model models/pretrained/prior_mnist.pt --filename digits [--digit 3] \\
-        [--guidance-scale 2] [--temperature 0.8] [--top-k 50] [--top-p 0.9]
+        [--guidance-scale 2] [--temperature 0.8] [--top-k 50] [--top-p 0.9] [--keep 0.8]
 
 --input MNIST reconstructs the first 100 test images; --input random passes Gaussian noise images
 (mean 0.5, std 0.5) through the autoencoder, as the original repo did; --input prior samples code maps
 from the prior, row i of the grid holding digit i (or all --digit), and decodes them
 (--temperature, and `sampling.add_sampler_flags`: classifier-free guidance, over an interval of
-positions if asked, top-k and nucleus filtering). The grid goes to generatedImages/<filename>.png. With --num-samples N --samples-out FILE.pt, N prior samples (digit
-n % 10 for sample n, or --digit) are also written as a uint8 tensor (N, 1, 28, 28).
+positions if asked, top-k and nucleus filtering, rejection by the prior's own evidence for the
+digit). The grid goes to generatedImages/<filename>.png. With --num-samples N --samples-out
+FILE.pt, N prior samples (digit n % 10 for sample n, or --digit) are also written as a uint8
+tensor (N, 1, 28, 28).
 """
 import os
 

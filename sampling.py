@@ -1,5 +1,6 @@
 """How the priors turn logits into codes: classifier-free guidance, temperature, top-k and nucleus
-filtering, and the draw, shared by both priors' samplers (gated_pixelcnn.py, code_transformer.py);
+filtering, the draw and the evidence of each draw for its digit, shared by both priors' samplers
+(gated_pixelcnn.py, code_transformer.py); rejection by that evidence (`sample_codes`, --keep);
 generate.py's sampler flags; and the decoded samples, shared by generate.py, sample_quality.py and
 benchmark.py.
 """
@@ -14,7 +15,8 @@ from cli import fail, nonnegative_float, nonnegative_int, positive_int, unit_flo
 # generate.py's default --guidance-scale, measured in RESULTS.md "The prior": the scale at which the
 # committed prior's samples at temperature 1.0 are judged best by the repo's two judges.
 DEFAULT_GUIDANCE_SCALE = 1.4
-# generate.py's default --keep, measured in RESULTS.md "The prior under three judges".
+# generate.py's default --keep: every map drawn is kept (RESULTS.md "The prior under three judges":
+# rejection by evidence did not win under the choosing judges).
 DEFAULT_KEEP = 1.0
 
 
@@ -103,8 +105,8 @@ def add_sampler_flags(parser):
                         help="draw 1/F times the maps of each digit and keep the fraction F the "
                              "prior itself finds most like that digit (largest log p(codes | "
                              "digit) - log p(codes | no digit)); 1 keeps every map. Default "
-                             f"{DEFAULT_KEEP} (measured: RESULTS.md), 1 for a prior trained "
-                             "without --label-dropout")
+                             f"{DEFAULT_KEEP} (RESULTS.md), 1 for a prior trained without "
+                             "--label-dropout")
 
 
 def sampler_options(prior, prior_path, scale=None, top_k=None, top_p=1.0, interval=None,
