@@ -35,14 +35,15 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_committed_checkpoints_load_and_resume(tmp_path, data_folder):
-    """Four committed files predate model configs (one "config": the command line): each loads as
-    the model it is, and the committed VQ-VAE still resumes, finding its run complete."""
+    """Three committed files predate model configs (one "config": the command line), the prior
+    and the third judge have one: each loads as the model it is, and the committed VQ-VAE still
+    resumes, finding its run complete."""
     vqvae, checkpoint = load_vqvae(os.path.join(PRETRAINED, "vqvae_mnist.pt"), "cpu")
     assert "model_config" not in checkpoint and checkpoint["config"]["k"] == 512
     assert vqvae.codeBook.codebook == "ema" and vqvae.codeBook.dead_code_threshold == 6.0
     prior = load_prior(os.path.join(PRETRAINED, "prior_mnist.pt"), "cpu", 512)
     assert type(prior).__name__ == "GatedPixelCNN" and len(prior.layers) == 12
-    assert prior.embedding.embedding_dim == 64 and prior.null_label == 10
+    assert prior.embedding.embedding_dim == 96 and prior.null_label == 10
     assert type(load_classifier(os.path.join(PRETRAINED, "classifier.pt"), "cpu")).__name__ == \
         "MNISTClassifier"
     assert type(load_classifier(os.path.join(PRETRAINED, "classifier_mlp.pt"), "cpu")).__name__ \
@@ -172,8 +173,10 @@ def test_a_config_this_version_cannot_build_is_refused_in_one_line(tmp_path):
     result = run("evaluate.py", "--model", "future.pt", cwd=tmp_path, check=False)
     assert_clean_failure(result, "future.pt", "a_field_of_the_future")
     prior = torch.load(os.path.join(PRETRAINED, "prior_mnist.pt"), weights_only=True)
-    del prior["config"]["num_layers"]
-    save_checkpoint(str(tmp_path / "old_prior.pt"), prior)
+    old = {**prior["run_config"], "k": 512, "hidden_size": 96}  # a file's one "config" of old
+    del old["num_layers"]
+    save_checkpoint(str(tmp_path / "old_prior.pt"), {"kind": "prior", "config": old,
+                                                      "state_dict": prior["state_dict"]})
     result = run("generate.py", "--model", PRETRAINED_VQVAE, "--input", "prior", "--prior-model",
                  "old_prior.pt", cwd=tmp_path, check=False)
     assert_clean_failure(result, "old_prior.pt", "num_layers")
