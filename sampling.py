@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from cli import fail, nonnegative_float, nonnegative_int, positive_int, unit_float
 
-# generate.py's default --guidance-scale and --keep, measured in RESULTS.md "The prior under three
-# judges, second pass": of the committed prior's samplers at temperature 1.0 whose class agreement
-# reaches 98.5% under the CNN and MLP judges (mean over sampling seeds 0-2), the one nearest its
-# floor under both (Frechet distance as a multiple of the floor's).
+# generate.py's default --guidance-scale and --keep, measured in RESULTS.md
+# "The prior under three judges, second pass": of the committed prior's samplers at temperature
+# 1.0 whose class agreement reaches 98.5% under the CNN and MLP judges (mean over sampling seeds
+# 0-2), the one nearest its floor under both (Frechet distance as a multiple of the floor's).
 DEFAULT_GUIDANCE_SCALE = 1.2
 DEFAULT_KEEP = 0.8
 
