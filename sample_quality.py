@@ -6,8 +6,8 @@
 
 A perfect prior over the training codes would draw, through the same decoder, what the VQ-VAE's
 reconstructions of training images look like. So the reference is the reconstructions of the
-held-out training images 50,000.. (a prior trained with --hold-out never saw them; one trained on
-all 60,000, like the committed prior, did: the output says so), and every figure has its floor:
+held-out training images 50,000.. (a prior trained with --hold-out, like the committed prior,
+never saw them; one trained on all 60,000 did: the output says so), and every figure has its floor:
 the same figure for reconstructions of another, disjoint slice (training images 40,000..), what a
 perfect prior scores at this sample size. Per source of N images (default 10,000) and per judge
 (--classifiers; default the three committed judges): class agreement (real images: their label);

@@ -1,4 +1,5 @@
 """generate.py: grids from a VQ-VAE and from a prior, the sampler's flags, bad input."""
+import math
 import os
 
 import numpy as np
@@ -108,10 +109,11 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
 
 def test_generate_guides_by_default_only_priors_that_can_be_guided(trained_prior, tmp_path,
                                                                   monkeypatch):
-    """Without --guidance-scale: the measured default for a prior trained with label dropout, no
-    guidance (scale 1) for a conditional-only one, instead of an error."""
+    """Without --guidance-scale and --keep: the measured defaults for a prior trained with label
+    dropout (its 100 grid maps drawn from ceil(10 / keep) per digit), no guidance and every map
+    kept for a conditional-only one, instead of an error."""
     import gated_pixelcnn
-    from sampling import DEFAULT_GUIDANCE_SCALE
+    from sampling import DEFAULT_GUIDANCE_SCALE, DEFAULT_KEEP
     cwd, _ = trained_prior
     prior = str(cwd / "models/prior/best.pt")
     checkpoint = torch.load(prior, weights_only=True)
@@ -119,14 +121,16 @@ def test_generate_guides_by_default_only_priors_that_can_be_guided(trained_prior
     checkpoint["state_dict"]["class_embedding.weight"] = \
         checkpoint["state_dict"]["class_embedding.weight"][:10]
     save_checkpoint(str(tmp_path / "conditional.pt"), checkpoint)
-    scales = []
+    scales, drawn = [], []
     original = gated_pixelcnn.GatedPixelCNN.sample
     monkeypatch.setattr(gated_pixelcnn.GatedPixelCNN, "sample", lambda self, labels, **kw: (
-        scales.append(kw["guidance_scale"]), original(self, labels, **kw))[1])
+        scales.append(kw["guidance_scale"]), drawn.append(len(labels)),
+        original(self, labels, **kw))[2])
     for path in (prior, "conditional.pt"):
         run("generate.py", "--model", str(cwd / "models/tiny/best.pt"), "--input", "prior",
             "--prior-model", path, cwd=tmp_path)
     assert scales == [DEFAULT_GUIDANCE_SCALE, 1.0]
+    assert drawn == [10 * math.ceil(10 / DEFAULT_KEEP), 100]
 
 
 @pytest.mark.parametrize("count, per_row", [(100, 10), (16, 8), (5, 2), (3, 8)])

@@ -48,8 +48,8 @@ def test_sample_quality_reports_every_source(trained_prior, data_folder):
 def test_committed_models_make_real_digits(tmp_path, data_folder):
     """The committed VQ-VAE, prior and judges fit together: under all three judges, prior samples
     (generate.py's default sampler) and a perfect prior's (reconstructions) are read as the digits
-    asked for (README: 99% and more; here at least 97% of 200, three binomial standard deviations
-    below), lie far closer to the reference than uniformly drawn codes, and a fresh classifier
+    asked for (README: 98.5-99% at 10,000 samples; here at least 97% of 200, about two binomial
+    standard deviations below the lowest), lie far closer to the reference than uniformly drawn codes, and a fresh classifier
     tells uniform codes from the reference at once; the committed prior never saw the reference
     (it trained with --hold-out 10000)."""
     pretrained = os.path.join(REPO, "models", "pretrained")
