@@ -66,9 +66,10 @@ def run_name(variant, seed):
     return f"q_{variant}_s{seed}"
 
 
-def state(name, num_epochs, kind="vqvae", flag="--num-epochs"):
+def state(name, num_epochs, kind="vqvae", flag="--num-epochs", vqvae_model=None):
     """'missing', 'unfinished' or 'done', from models/<name>/last.pt; a run started for another
-    number of epochs is an error (its cosine schedule spans those)."""
+    number of epochs is an error (its cosine schedule spans those), and so is a prior over another
+    VQ-VAE than `vqvae_model`."""
     path = os.path.join("models", name, "last.pt")
     if not os.path.isfile(path):
         return "missing"
@@ -77,6 +78,9 @@ def state(name, num_epochs, kind="vqvae", flag="--num-epochs"):
     if planned != num_epochs:
         fail(f"{flag} {num_epochs}: {path} belongs to a run of {planned} epochs; pass "
              f"{flag} {planned}, or compare in another folder")
+    trained_on = checkpoint.get("run_config", {}).get("vqvae_model")
+    if vqvae_model and os.path.normpath(trained_on) != os.path.normpath(vqvae_model):
+        fail(f"models/{name}/ is a prior over {trained_on}, not {vqvae_model}; move it away")
     if checkpoint.get("epoch", 0) < num_epochs or checkpoint.get("batch_in_epoch"):
         return "unfinished"
     return "done"
@@ -132,12 +136,7 @@ def train_and_judge_prior(variant, seed, args):
     if state(run_name(variant, seed), args.num_epochs) != "done":
         print(f"{name}: {vqvae} has not finished, skipped", flush=True)
         return
-    status = state(name, args.prior_epochs, "prior", "--prior-epochs")
-    if status != "missing":
-        trained_on = load_checkpoint(os.path.join("models", name, "last.pt"), "prior",
-                                     "--prior-epochs")["run_config"]["vqvae_model"]
-        if os.path.normpath(trained_on) != os.path.normpath(vqvae):
-            fail(f"models/{name}/ is a prior over {trained_on}, not {vqvae}; move it away")
+    status = state(name, args.prior_epochs, "prior", "--prior-epochs", vqvae_model=vqvae)
     if status != "done" and being_trained(name):
         return
     if status == "missing":
