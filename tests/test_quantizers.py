@@ -220,3 +220,10 @@ def test_compare_quantizers_trains_what_is_missing_and_reports(tmp_path, data_fo
     again = run(*compare, cwd=tmp_path)
     assert "pixelcnn_prior.py" not in again.stdout and "sample_quality.py" not in again.stdout
     assert again.stdout.count("| lfq ") == 2
+    # A prior found under the name but trained over another VQ-VAE is refused, not judged
+    prior_path = tmp_path / "models" / "prior_lfq_s0" / "last.pt"
+    prior = torch.load(prior_path, weights_only=True)
+    prior["run_config"]["vqvae_model"] = "models/q_vq_s0/last.pt"
+    torch.save(prior, prior_path)
+    assert_clean_failure(run(*compare, cwd=tmp_path, check=False), "is a prior over",
+                         "models/q_vq_s0/last.pt")
