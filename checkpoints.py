@@ -33,7 +33,9 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path, kind, flag="--model"):
-    """Load a checkpoint with weights_only=True (no pickled code can run) and check who wrote it.
+    """Load a checkpoint with weights_only=True (no pickled code can run) and check who wrote it
+    (`kind`: 'vqvae', 'prior' or 'classifier'; None takes any of them); int8 weights come back in
+    float32 (`float_weights`).
     Returns the checkpoint dict ({'state_dict': ..., 'config': None} for an original-style bare
     state_dict).
     Every failure is one line naming the flag and file, exit 2."""
@@ -55,11 +57,49 @@ def load_checkpoint(path, kind, flag="--model"):
             return {"kind": "vqvae", "state_dict": checkpoint, "config": None}
         fail(f"{flag} {path}: not a checkpoint of this repo (no 'state_dict')")
     found = checkpoint.get("kind", "vqvae")
-    if found != kind:
+    if kind is None and found not in CHECKPOINT_KINDS:
+        fail(f"{flag} {path}: a checkpoint of unknown kind {found!r}; expected one written by "
+             f"{', '.join(CHECKPOINT_KINDS.values())}")
+    if kind is not None and found != kind:
         fail(f"{flag} {path}: this is a {found} checkpoint written by "
              f"{CHECKPOINT_KINDS.get(found, 'another script')}; expected a {kind} checkpoint "
              f"written by {CHECKPOINT_KINDS[kind]}")
+    if "int8_scales" in checkpoint:
+        checkpoint["state_dict"] = float_weights(checkpoint["state_dict"],
+                                                 checkpoint.pop("int8_scales"), flag, path)
     return checkpoint
+
+
+def int8_weights(state_dict):
+    """Weights to share at a quarter of float32: each floating tensor of two or more dims as int8
+    with one scale per output channel (its first dim), max |w| / 127 (symmetric, round to
+    nearest); the other floating tensors (biases, norms) in float16 -> (state_dict, scales
+    {name: (out,) float32})."""
+    packed, scales = {}, {}
+    for name, w in state_dict.items():
+        if w.is_floating_point() and w.dim() >= 2:
+            scales[name] = w.float().flatten(1).abs().amax(1).clamp_min(1e-12) / 127
+            packed[name] = (w.float() / per_channel(scales[name], w)).round().to(torch.int8)
+        else:
+            packed[name] = w.half() if w.is_floating_point() else w
+    return packed, scales
+
+
+def float_weights(state_dict, scales, flag, path):
+    """`int8_weights`' inverse at load: each int8 tensor times its channels' scales -> float32;
+    scales that do not match an int8 tensor of their channel count are one line naming the file."""
+    for name, scale in scales.items():
+        w = state_dict.get(name)
+        if w is None or w.dtype != torch.int8 or scale.shape != (len(w),):
+            fail(f"{flag} {path}: its int8 scales for {name} match no int8 weight of "
+                 f"{len(scale)} channels")
+    return {name: w.float() * per_channel(scales[name], w) if name in scales else w
+            for name, w in state_dict.items()}
+
+
+def per_channel(scale, w):
+    """(out,) -> (out, 1, ...), broadcasting over the rest of w."""
+    return scale.view(-1, *[1] * (w.dim() - 1))
 
 
 def load_resume_checkpoint(path, kind):
@@ -80,7 +120,13 @@ def load_state(model, state_dict, flag, path):
     expected = model.state_dict()
     problems = [f"{what} {first(keys)}" for what, keys in
                 (("missing", [k for k in expected if k not in state_dict]),
-                 ("unexpected", [k for k in state_dict if k not in expected])) if keys]
+                 ("unexpected", [k for k in state_dict if k not in expected]),
+                 # load_state_dict would cast them to float: weights off by their lost scale
+                 ("integer for floating", [k for k, v in state_dict.items() if k in expected and
+                                           expected[k].is_floating_point() and
+                                           isinstance(v, torch.Tensor) and
+                                           not (v.is_floating_point() or v.dtype == torch.bool)]))
+                if keys]
     try:
         model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:

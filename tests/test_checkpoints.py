@@ -183,3 +183,44 @@ def test_a_config_this_version_cannot_build_is_refused_in_one_line(tmp_path):
     result = run("generate.py", "--model", PRETRAINED_VQVAE, "--input", "prior", "--prior-model",
                  "old_prior.pt", cwd=tmp_path, check=False)
     assert_clean_failure(result, "old_prior.pt", "num_layers")
+
+
+def test_export_checkpoint_shares_weights_without_the_training_state(tmp_path, trained_prior):
+    """export_checkpoint.py: float16 and int8 (one scale per output channel) files of a prior's
+    best.pt load as that prior, with logits within each format's rounding, and cannot be
+    --resume'd; an existing --out is kept; int8 weights without their scales, or scales that fit
+    no weight, are refused in one line."""
+    cwd, _ = trained_prior
+    best = str(cwd / "models" / "prior" / "best.pt")
+    reference = load_prior(best, "cpu", 32)
+    codes, labels = torch.randint(0, 32, (16, 7, 7)), torch.arange(16) % 10
+    expected = reference(codes, labels)
+    for flags, tolerance in (([], 0.05), (["--int8"], 0.2)):
+        out = str(tmp_path / f"prior{''.join(flags)}.pt")
+        result = run("export_checkpoint.py", "--model", best, "--out", out, *flags, cwd=tmp_path)
+        assert "int8" in result.stdout if flags else "float16" in result.stdout
+        shared = torch.load(out, weights_only=True)
+        assert {"optimizer", "training_state_dict", "rng"}.isdisjoint(shared)
+        assert shared["metrics"] == torch.load(best, weights_only=True)["metrics"]
+        weights = shared["state_dict"]["layers.1.vertical.weight"]
+        assert weights.dtype == (torch.int8 if flags else torch.float16)
+        difference = (load_prior(out, "cpu", 32)(codes, labels) - expected).abs().max().item()
+        assert 0 < difference < tolerance, (flags, difference)
+    int8 = str(tmp_path / "prior--int8.pt")
+    assert os.path.getsize(int8) < 0.6 * os.path.getsize(str(tmp_path / "prior.pt"))
+    before = os.path.getmtime(int8)
+    result = run("export_checkpoint.py", "--model", best, "--out", int8, cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--out", "exists")
+    assert os.path.getmtime(int8) == before
+    result = run("pixelcnn_prior.py", "--resume", int8, cwd=tmp_path, check=False)
+    assert_clean_failure(result, "weights only")
+    shared = torch.load(int8, weights_only=True)
+    save_checkpoint(str(tmp_path / "unscaled.pt"), {k: v for k, v in shared.items()
+                                                    if k != "int8_scales"})
+    shared["int8_scales"]["layers.1.vertical.weight"] = torch.ones(3)
+    save_checkpoint(str(tmp_path / "misscaled.pt"), shared)
+    for name, words in (("unscaled.pt", ["integer for floating", "layers.0.vertical.weight"]),
+                        ("misscaled.pt", ["int8 scales", "layers.1.vertical.weight"])):
+        result = run("generate.py", "--model", str(cwd / "models" / "tiny" / "best.pt"), "--input",
+                     "prior", "--prior-model", name, cwd=tmp_path, check=False)
+        assert_clean_failure(result, name, *words)
