@@ -138,13 +138,15 @@ def main():
     test = MNISTSplit(args.data_folder, False, device, limit=args.test_subset)
     labels = torch.arange(n, device=device) % 10
     held_out = slice(REFERENCE_START, REFERENCE_START + n)
+    # Every sampler checked before the first is drawn: a bad one stops the call at once
+    samplers = [(sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p,
+                                 args.guidance_interval, keep, ("--guidance-scales", "--keeps")), t)
+                for scale, keep, t in itertools.product(args.guidance_scales, args.keeps,
+                                                        args.temperatures)]
     with torch.no_grad():
         reference = reconstructions(vqvae, train.images[held_out])
         sources = baseline_sources(vqvae, train, n, device, args.baselines)
-        for scale, keep, t in itertools.product(args.guidance_scales, args.keeps,
-                                                args.temperatures):
-            sampler = sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p,
-                                      args.guidance_interval, keep)
+        for sampler, t in samplers:
             name = f"prior, guidance {sampler['guidance_scale']:g}, temperature {t:g}" + \
                 (f", positions {args.guidance_interval[0]}-{args.guidance_interval[1] - 1}"
                  if args.guidance_interval else "") + \

@@ -110,22 +110,24 @@ def add_sampler_flags(parser):
 
 
 def sampler_options(prior, prior_path, scale=None, top_k=None, top_p=1.0, interval=None,
-                    keep=None):
+                    keep=None, flags=("--guidance-scale", "--keep")):
     """The sampler flags (--guidance-scale, --keep None: the default for this prior) -> keyword
-    arguments of `sample_codes` (temperature aside)."""
+    arguments of `sample_codes` (temperature aside); `flags`: the two flags' names in the
+    caller's errors."""
+    scale_flag, keep_flag = flags
     if interval is not None and not interval[0] < interval[1] <= 49:
         fail(f"--guidance-interval {interval[0]} {interval[1]}: expected START < STOP <= 49 "
              "(raster positions of the 7x7 code map)")
     if scale is None:
         scale = DEFAULT_GUIDANCE_SCALE if prior.null_label is not None else 1.0
     elif scale != 1.0 and prior.null_label is None:
-        fail(f"--guidance-scale {scale}: --prior-model {prior_path} was trained without "
+        fail(f"{scale_flag} {scale}: --prior-model {prior_path} was trained without "
              "--label-dropout, so it has no unconditional half to guide with (use 1)")
     if keep is None:
         keep = DEFAULT_KEEP if prior.null_label is not None else 1.0
     elif keep != 1.0 and prior.null_label is None:
-        fail(f"--keep {keep}: --prior-model {prior_path} was trained without --label-dropout, so "
-             "it cannot weigh a map's evidence for its digit (use 1)")
+        fail(f"{keep_flag} {keep}: --prior-model {prior_path} was trained without "
+             "--label-dropout, so it cannot weigh a map's evidence for its digit (use 1)")
     return {"guidance_scale": scale, "top_k": top_k, "top_p": top_p,
             "guidance_interval": tuple(interval) if interval else None, "keep": keep}
 
