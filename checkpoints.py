@@ -53,7 +53,8 @@ def load_checkpoint(path, kind, flag="--model"):
     if not isinstance(checkpoint, dict) or not checkpoint:
         fail(f"{flag} {path}: not a checkpoint dict")
     if "state_dict" not in checkpoint:
-        if kind == "vqvae" and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        if kind in ("vqvae", None) and all(isinstance(v, torch.Tensor)
+                                           for v in checkpoint.values()):
             return {"kind": "vqvae", "state_dict": checkpoint, "config": None}
         fail(f"{flag} {path}: not a checkpoint of this repo (no 'state_dict')")
     found = checkpoint.get("kind", "vqvae")
@@ -72,27 +73,35 @@ def load_checkpoint(path, kind, flag="--model"):
 
 def int8_weights(state_dict):
     """Weights to share at a quarter of float32: each floating tensor of two or more dims as int8
-    with one scale per output channel (its first dim), max |w| / 127 (symmetric, round to
-    nearest); the other floating tensors (biases, norms) in float16 -> (state_dict, scales
-    {name: (out,) float32})."""
-    packed, scales = {}, {}
+    with one scale per slice of its first dim (a convolution's or linear layer's output channel,
+    an embedding's row), max |w| / 127 (symmetric, round to nearest); the other floating tensors
+    (biases, norms) in float16 -> (state_dict, scales {name: (len(w),) float32})."""
+    packed, scales = half_weights(state_dict), {}
     for name, w in state_dict.items():
         if w.is_floating_point() and w.dim() >= 2:
             scales[name] = w.float().flatten(1).abs().amax(1).clamp_min(1e-12) / 127
             packed[name] = (w.float() / per_channel(scales[name], w)).round().to(torch.int8)
-        else:
-            packed[name] = w.half() if w.is_floating_point() else w
     return packed, scales
 
 
+def half_weights(state_dict):
+    """Floating tensors in float16, the rest (integer counters, bool flags) as they are."""
+    return {name: w.half() if w.is_floating_point() else w for name, w in state_dict.items()}
+
+
 def float_weights(state_dict, scales, flag, path):
-    """`int8_weights`' inverse at load: each int8 tensor times its channels' scales -> float32;
-    scales that do not match an int8 tensor of their channel count are one line naming the file."""
+    """`int8_weights`' inverse at load: each int8 tensor times its slices' scales -> float32;
+    scales that fit no int8 weight are one line naming the file."""
+    if not isinstance(scales, dict) or not isinstance(state_dict, dict):
+        fail(f"{flag} {path}: its int8_scales or state_dict is not a dict")
     for name, scale in scales.items():
         w = state_dict.get(name)
-        if w is None or w.dtype != torch.int8 or scale.shape != (len(w),):
-            fail(f"{flag} {path}: its int8 scales for {name} match no int8 weight of "
-                 f"{len(scale)} channels")
+        problem = "is missing" if not isinstance(w, torch.Tensor) else \
+            "is not int8" if w.dtype != torch.int8 or w.dim() < 2 else \
+            "has other scales" if not isinstance(scale, torch.Tensor) or \
+            scale.shape != (w.size(0),) else None
+        if problem:
+            fail(f"{flag} {path}: int8 weight {name}, which its int8_scales name, {problem}")
     return {name: w.float() * per_channel(scales[name], w) if name in scales else w
             for name, w in state_dict.items()}
 
@@ -118,15 +127,14 @@ def load_state(model, state_dict, flag, path):
     def first(keys):
         return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
     expected = model.state_dict()
+    # load_state_dict would cast integers to float: int8 weights without their scales load wrong
+    integer = [k for k, v in state_dict.items() if k in expected and
+               expected[k].is_floating_point() and isinstance(v, torch.Tensor) and
+               not (v.is_floating_point() or v.dtype == torch.bool)]
     problems = [f"{what} {first(keys)}" for what, keys in
                 (("missing", [k for k in expected if k not in state_dict]),
                  ("unexpected", [k for k in state_dict if k not in expected]),
-                 # load_state_dict would cast them to float: weights off by their lost scale
-                 ("integer for floating", [k for k, v in state_dict.items() if k in expected and
-                                           expected[k].is_floating_point() and
-                                           isinstance(v, torch.Tensor) and
-                                           not (v.is_floating_point() or v.dtype == torch.bool)]))
-                if keys]
+                 ("integer (int8 without its scales?) for float", integer)) if keys]
     try:
         model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:

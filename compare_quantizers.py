@@ -78,7 +78,7 @@ def state(name, num_epochs, kind="vqvae", flag="--num-epochs", vqvae_model=None)
     if planned != num_epochs:
         fail(f"{flag} {num_epochs}: {path} belongs to a run of {planned} epochs; pass "
              f"{flag} {planned}, or compare in another folder")
-    trained_on = checkpoint.get("run_config", {}).get("vqvae_model")
+    trained_on = checkpoint.get("run_config", {}).get("vqvae_model") or "an unnamed VQ-VAE"
     if vqvae_model and os.path.normpath(trained_on) != os.path.normpath(vqvae_model):
         fail(f"models/{name}/ is a prior over {trained_on}, not {vqvae_model}; move it away")
     if checkpoint.get("epoch", 0) < num_epochs or checkpoint.get("batch_in_epoch"):

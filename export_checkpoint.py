@@ -1,16 +1,20 @@
 """Write a checkpoint as a file to share or commit: its weights, configs and metrics without the
 optimizer, scheduler and training state, so it reconstructs, samples and judges but cannot be
 --resume'd; in float16, or with --int8 as int8 with one scale per output channel (a quarter of
-float32; what that costs is the model's to measure: model.txt has the committed prior's).
+float32). The metrics stay those of the weights exported: what the rounding costs is the model's
+to measure (model.txt has the committed prior's).
 
     python export_checkpoint.py --model models/prior/best.pt --out prior_mnist.pt --int8
 """
 import os
 
-from checkpoints import int8_weights, load_checkpoint, save_checkpoint
+import torch
+
+from checkpoints import half_weights, int8_weights, load_checkpoint, save_checkpoint
 from cli import ArgumentParser, fail
 
 KEPT = ("kind", "model_config", "run_config", "config", "epoch", "step", "metrics")
+FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
 def exported(checkpoint, int8):
@@ -19,9 +23,29 @@ def exported(checkpoint, int8):
     if int8:
         shared["state_dict"], shared["int8_scales"] = int8_weights(checkpoint["state_dict"])
     else:
-        shared["state_dict"] = {name: w.half() if w.is_floating_point() else w
-                                for name, w in checkpoint["state_dict"].items()}
+        shared["state_dict"] = half_weights(checkpoint["state_dict"])
     return shared
+
+
+def check_weights(state_dict, path):
+    """One line naming the first entry that is not a tensor, or not finite in float16."""
+    if not isinstance(state_dict, dict):
+        fail(f"--model {path}: its state_dict is not a dict of tensors")
+    for name, w in state_dict.items():
+        if not isinstance(w, torch.Tensor):
+            fail(f"--model {path}: {name} is not a tensor")
+        if w.is_floating_point() and not (w.float().abs() <= FLOAT16_MAX).all():
+            fail(f"--model {path}: {name} is not finite, or beyond float16's range")
+
+
+def check_out(path):
+    if os.path.isdir(path):
+        fail(f"--out {path}: is a folder; give a file name")
+    if os.path.lexists(path):
+        fail(f"--out {path}: exists; give a new name or delete it first")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        fail(f"--out {path}: the folder {folder} does not exist")
 
 
 def largest_change(before, after):
@@ -33,14 +57,15 @@ def main():
     p = ArgumentParser(prog="export_checkpoint.py",
                        description="A checkpoint's weights, configs and metrics, to share.")
     p.add_argument("--model", required=True,
-                   help="a checkpoint of VQ-VAE.py, pixelcnn_prior.py or classifier.py")
+                   help="a checkpoint of VQ-VAE.py, pixelcnn_prior.py or classifier.py, or the "
+                        "original repo's")
     p.add_argument("--out", required=True, help="the file to write (an existing one is kept)")
     p.add_argument("--int8", action="store_true",
                    help="weights of 2+ dims as int8 with one scale per output channel")
     args = p.parse_args()
-    if os.path.exists(args.out):
-        fail(f"--out {args.out}: exists; give a new name or delete it first")
+    check_out(args.out)
     checkpoint = load_checkpoint(args.model, None)
+    check_weights(checkpoint["state_dict"], args.model)
     try:
         save_checkpoint(args.out, exported(checkpoint, args.int8))
     except OSError as e:

@@ -131,6 +131,11 @@ def main():
     torch.manual_seed(args.seed)
     vqvae, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, vqvae.codeBook.K)
+    # Every sampler checked before any data is read or drawn: a bad one stops the call at once
+    samplers = [(sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p,
+                                 args.guidance_interval, keep, ("--guidance-scales", "--keeps")), t)
+                for scale, keep, t in itertools.product(args.guidance_scales, args.keeps,
+                                                        args.temperatures)]
     judges = {os.path.splitext(os.path.basename(path))[0]: load_classifier(path, device)
               for path in args.classifiers}
     n = min(args.num_samples, HOLD_OUT)
@@ -138,11 +143,6 @@ def main():
     test = MNISTSplit(args.data_folder, False, device, limit=args.test_subset)
     labels = torch.arange(n, device=device) % 10
     held_out = slice(REFERENCE_START, REFERENCE_START + n)
-    # Every sampler checked before the first is drawn: a bad one stops the call at once
-    samplers = [(sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p,
-                                 args.guidance_interval, keep, ("--guidance-scales", "--keeps")), t)
-                for scale, keep, t in itertools.product(args.guidance_scales, args.keeps,
-                                                        args.temperatures)]
     with torch.no_grad():
         reference = reconstructions(vqvae, train.images[held_out])
         sources = baseline_sources(vqvae, train, n, device, args.baselines)

@@ -13,7 +13,7 @@ from PIL import Image
 from checkpoints import load_checkpoint, load_classifier, load_prior, load_vqvae, save_checkpoint
 from conftest import PRETRAINED_VQVAE, REPO, assert_clean_failure, run
 from data import MNISTSplit
-from modules import VQVAEConfig, VectorQuantizedVAE, vqvae_from_config
+from modules import VQVAEConfig, VectorQuantizedVAE, original_config_with, vqvae_from_config
 
 PRETRAINED = os.path.join(REPO, "models", "pretrained")
 
@@ -198,7 +198,7 @@ def test_export_checkpoint_shares_weights_without_the_training_state(tmp_path, t
     for flags, tolerance in (([], 0.05), (["--int8"], 0.2)):
         out = str(tmp_path / f"prior{''.join(flags)}.pt")
         result = run("export_checkpoint.py", "--model", best, "--out", out, *flags, cwd=tmp_path)
-        assert "int8" in result.stdout if flags else "float16" in result.stdout
+        assert ("int8 weights" if flags else "float16 weights") in result.stdout
         shared = torch.load(out, weights_only=True)
         assert {"optimizer", "training_state_dict", "rng"}.isdisjoint(shared)
         assert shared["metrics"] == torch.load(best, weights_only=True)["metrics"]
@@ -219,8 +219,42 @@ def test_export_checkpoint_shares_weights_without_the_training_state(tmp_path, t
                                                     if k != "int8_scales"})
     shared["int8_scales"]["layers.1.vertical.weight"] = torch.ones(3)
     save_checkpoint(str(tmp_path / "misscaled.pt"), shared)
-    for name, words in (("unscaled.pt", ["integer for floating", "layers.0.vertical.weight"]),
-                        ("misscaled.pt", ["int8 scales", "layers.1.vertical.weight"])):
+    shared["int8_scales"] = {"no.such.weight": torch.ones(3)}
+    save_checkpoint(str(tmp_path / "stray.pt"), shared)
+    for name, words in (("unscaled.pt", ["integer (int8 without its scales?)",
+                                         "layers.0.vertical.weight"]),
+                        ("misscaled.pt", ["layers.1.vertical.weight", "has other scales"]),
+                        ("stray.pt", ["no.such.weight", "is missing"])):
         result = run("generate.py", "--model", str(cwd / "models" / "tiny" / "best.pt"), "--input",
                      "prior", "--prior-model", name, cwd=tmp_path, check=False)
         assert_clean_failure(result, name, *words)
+
+
+def test_export_checkpoint_keeps_a_vqvae_and_an_original_state_dict(tmp_path, trained_run,
+                                                                    data_folder):
+    """A VQ-VAE (transposed convolutions, the codebook's buffers, bool and integer buffers) and
+    the original repo's bare state_dict export in int8 and reconstruct as before; a weight that
+    is not finite, or an --out in a missing folder, is refused in one line, nothing written."""
+    cwd, _ = trained_run
+    best = str(cwd / "models" / "tiny" / "best.pt")
+    model, _ = load_vqvae(best, "cpu")
+    original = vqvae_from_config(original_config_with(hidden_size=16, k=32)).eval()
+    torch.save(original.state_dict(), str(tmp_path / "bare.pt"))  # as the original repo saves
+    x, _ = next(MNISTSplit(data_folder, False, "cpu", limit=64).batches(64))
+    for source, before, sizes in ((best, model, {}),
+                                  (str(tmp_path / "bare.pt"), original, {"hidden_size": 16,
+                                                                          "k": 32})):
+        out = str(tmp_path / ("int8_" + os.path.basename(source)))
+        run("export_checkpoint.py", "--model", source, "--out", out, "--int8", cwd=tmp_path)
+        exported, _ = load_vqvae(out, "cpu", sizes=sizes)
+        # mean, not max: a latent near two codewords may change its code with their rounding
+        difference = (exported(x)[0] - before(x)[0]).abs().mean().item()
+        assert 0 < difference < 0.02, (source, difference)
+    broken = model.state_dict()
+    broken["decoder.3.weight"] = broken["decoder.3.weight"] / 0.0
+    torch.save(broken, str(tmp_path / "inf.pt"))
+    for args, words in ((["--model", "inf.pt", "--out", "x.pt"], ["inf.pt", "not finite"]),
+                        (["--model", best, "--out", "no/x.pt"], ["no/x.pt", "does not exist"])):
+        result = run("export_checkpoint.py", *args, cwd=tmp_path, check=False)
+        assert_clean_failure(result, *words)
+    assert not os.path.exists(tmp_path / "x.pt") and not os.path.exists(tmp_path / "no")

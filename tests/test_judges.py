@@ -46,10 +46,9 @@ def test_sample_quality_reports_every_source(trained_prior, data_folder):
             judged["codes drawn uniformly"]["frechet_distance"], name
 
 
-def test_sample_quality_checks_every_sampler_before_drawing(trained_prior, data_folder,
-                                                            tmp_path):
+def test_sample_quality_checks_every_sampler_before_drawing(trained_prior, tmp_path):
     """A prior without a null label asked for --keeps 0.5 (after a sampler it can run): one line
-    naming sample_quality's own flag, before anything is drawn."""
+    naming sample_quality's own flag, before any data is read (the data folder is not made)."""
     cwd, _ = trained_prior
     checkpoint = torch.load(cwd / "models" / "prior" / "best.pt", weights_only=True)
     checkpoint["model_config"]["unconditional"] = False  # as if trained with --label-dropout 0
@@ -58,9 +57,10 @@ def test_sample_quality_checks_every_sampler_before_drawing(trained_prior, data_
     save_checkpoint(str(tmp_path / "conditional.pt"), checkpoint)
     result = run("sample_quality.py", "--model", str(cwd / "models" / "tiny" / "best.pt"),
                  "--prior-model", "conditional.pt", "--guidance-scales", "1", "--keeps", "1",
-                 "0.5", "--num-samples", "100", "--data-folder", data_folder, "--test-subset", "100", cwd=tmp_path,
+                 "0.5", "--num-samples", "100", "--data-folder", "fresh", cwd=tmp_path,
                  check=False)
     assert_clean_failure(result, "--keeps 0.5", "--label-dropout")
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_committed_models_make_real_digits(tmp_path, data_folder):
