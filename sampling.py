@@ -15,7 +15,8 @@ from cli import fail, nonnegative_float, nonnegative_int, positive_int, unit_flo
 # generate.py's default --guidance-scale and --keep, measured in RESULTS.md
 # "The prior under three judges, second pass": of the committed prior's samplers at temperature
 # 1.0 whose class agreement reaches 98.5% under the CNN and MLP judges (mean over sampling seeds
-# 0-2), the one nearest its floor under both (Frechet distance as a multiple of the floor's).
+# 0-2), the one nearest its floor under both (Frechet distance as a multiple of the floor's);
+# chosen again from the int8 file, against guidance 1.1 and keep 0.7 ("third pass").
 DEFAULT_GUIDANCE_SCALE = 1.2
 DEFAULT_KEEP = 0.8
 

@@ -47,6 +47,7 @@ def test_committed_checkpoints_load_and_resume(tmp_path, data_folder):
     committed = torch.load(os.path.join(PRETRAINED, "prior_mnist.pt"), weights_only=True)
     assert committed["run_config"]["hold_out"] == 10000  # sample_quality's reference unseen
     assert committed["metrics"]["test_bits_per_map"] == pytest.approx(193.87, abs=0.01)
+    assert committed["state_dict"]["layers.1.vertical.weight"].dtype == torch.int8  # 3 MB, not 6
     assert type(load_classifier(os.path.join(PRETRAINED, "classifier.pt"), "cpu")).__name__ == \
         "MNISTClassifier"
     assert type(load_classifier(os.path.join(PRETRAINED, "classifier_mlp.pt"), "cpu")).__name__ \
