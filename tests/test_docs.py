@@ -1,4 +1,4 @@
-"""The repo's documents and layout agree with its code: README's flag tables with the parsers,
+"""The repo's documents and layout agree with its code: FLAGS.md's tables with the parsers,
 RESULTS.md's guarantees with the tests that check them, section pointers with the sections, and no
 script imports another script."""
 import ast
@@ -35,11 +35,11 @@ def test_no_script_imports_another_script():
         assert not imported & names, (os.path.basename(path), imported & names)
 
 
-def readme_flag_tables():
-    """{script file: [(flag, its README default as written)]}, from the tables under README's
-    '### `NAME.py`' headings; a row may name several flags with their defaults, comma-separated."""
+def flag_tables():
+    """{script file: [(flag, its default as written)]}, from the tables under FLAGS.md's
+    '## `NAME.py`' headings; a row may name several flags with their defaults, comma-separated."""
     tables, script = {}, None
-    for line in read("README.md").splitlines():
+    for line in read("FLAGS.md").splitlines():
         heading = re.match(r"#+ `(\S+\.py)`", line)
         if line.startswith("#"):
             script = heading.group(1) if heading else None
@@ -73,8 +73,8 @@ def same_default(written, default):
     return written == str(default)
 
 
-def test_every_default_in_readmes_flag_tables_is_the_parsers():
-    tables = readme_flag_tables()
+def test_every_default_in_the_flag_tables_is_the_parsers():
+    tables = flag_tables()
     assert {"VQ-VAE.py", "pixelcnn_prior.py", "classifier.py", "generate.py"} <= tables.keys()
     for script, rows in tables.items():
         actions = {option: action for action in parser_of(script)._actions
