@@ -1,8 +1,8 @@
 """Write a checkpoint as a file to share or commit: its weights, configs and metrics without the
 optimizer, scheduler and training state, so it reconstructs, samples and judges but cannot be
---resume'd; in float16, or with --int8 as int8 with one scale per output channel (a quarter of
-float32). The metrics stay those of the weights exported: what the rounding costs is the model's
-to measure (model.txt has the committed prior's).
+--resume'd; in float16, or with --int8 as int8 with one scale per slice of each weight's first dim
+(a convolution's output channel; a quarter of float32). The metrics stay those of the weights
+exported: what the rounding costs is the model's to measure (model.txt has the committed prior's).
 
     python export_checkpoint.py --model models/prior/best.pt --out prior_mnist.pt --int8
 """
@@ -61,7 +61,7 @@ def main():
                         "original repo's")
     p.add_argument("--out", required=True, help="the file to write (an existing one is kept)")
     p.add_argument("--int8", action="store_true",
-                   help="weights of 2+ dims as int8 with one scale per output channel")
+                   help="weights of 2+ dims as int8, one scale per slice of the first dim")
     args = p.parse_args()
     check_out(args.out)
     checkpoint = load_checkpoint(args.model, None)
