@@ -21,6 +21,9 @@ class GatedPixelCNNConfig:
     num_classes: int = 10
     dropout: float = 0.1       # on every layer's gated outputs
     unconditional: bool = True  # label `num_classes` means "no digit" (for guidance)
+    shift_augment: int = 0     # trained also on the maps of images shifted by up to this many
+                               # pixels, told the shift (`shifts`); it models, samples and is
+                               # evaluated on the unshifted maps
 
 
 class GatedMaskedConv2d(nn.Module):
@@ -113,7 +116,12 @@ class GatedPixelCNN(nn.Module):
     codes (B, H, W) int64, labels (B,) -> logits (B, K, H, W); the logits at (i, j) depend only on
     the codes before (i, j) in raster order. With `unconditional`, label `num_classes` (`null_label`)
     means "no digit": trained with label dropout, one model is both p(codes | digit) and p(codes),
-    which classifier-free guidance needs."""
+    which classifier-free guidance needs.
+
+    With `shift_augment` R, a second embedding tells it which of the (2R + 1)^2 pixel shifts of the
+    image the map was encoded from (index 0: none), added to the class embedding: distribution
+    augmentation (Jun et al. 2020), more maps to learn from without making p(codes | digit) the
+    shifted maps' distribution."""
 
     def __init__(self, config):
         super().__init__()
@@ -122,18 +130,32 @@ class GatedPixelCNN(nn.Module):
         self.null_label = config.num_classes if config.unconditional else None
         self.embedding = nn.Embedding(K, C)
         self.class_embedding = nn.Embedding(config.num_classes + config.unconditional, 2 * C * L)
+        self.shift_embedding = None
+        if config.shift_augment:
+            self.shift_embedding = nn.Embedding((2 * config.shift_augment + 1) ** 2, 2 * C * L)
+            nn.init.zeros_(self.shift_embedding.weight)   # starts as if every map were unshifted
         self.layers = nn.ModuleList(
             GatedMaskedConv2d(C, 7 if i == 0 else 3, first=i == 0, dropout=config.dropout)
             for i in range(L))
         self.output = nn.Sequential(nn.ReLU(), nn.Conv2d(C, 4 * C, 1), nn.ReLU(),
                                     nn.Conv2d(4 * C, K, 1))
 
-    def forward(self, codes, labels):
-        return self.output(self.stacks_embedded(self.embedding(codes).permute(0, 3, 1, 2), labels))
+    def forward(self, codes, labels, shifts=None):
+        """codes (B, H, W), labels (B,), shifts (B,) or None (unshifted) -> logits (B, K, H, W)."""
+        biases = self.conditioning(labels, shifts).chunk(len(self.layers), dim=1)
+        return self.output(self.stacks_embedded(self.embedding(codes).permute(0, 3, 1, 2), biases))
 
-    def stacks_embedded(self, x, labels):
-        """x (B, dim, H, W) embedded codes -> features (B, dim, H, W)."""
-        biases = self.class_embedding(labels).chunk(len(self.layers), dim=1)
+    def conditioning(self, labels, shifts=None):
+        """labels (B,), shifts (B,) or None (unshifted) -> every layer's class bias (B, 2C * L)."""
+        embedded = self.class_embedding(labels)
+        if self.shift_embedding is None:
+            return embedded
+        return embedded + (self.shift_embedding.weight[0] if shifts is None else
+                           self.shift_embedding(shifts))
+
+    def stacks_embedded(self, x, biases):
+        """x (B, dim, H, W) embedded codes, per layer its class bias (B, 2C) -> features
+        (B, dim, H, W)."""
         x_v = x_h = x
         for layer, bias in zip(self.layers, biases):
             x_v, x_h = layer(x_v, x_h, bias)
@@ -152,7 +174,7 @@ class GatedPixelCNN(nn.Module):
         the codes for their digit."""
         B, H, W = len(labels), 7, 7
         labels = with_null_half(self, labels, guidance_scale, return_details)
-        biases = self.class_embedding(labels).chunk(len(self.layers), dim=1)     # (N, 2C) each
+        biases = self.conditioning(labels).chunk(len(self.layers), dim=1)        # (N, 2C) each
         N, C, first = len(labels), self.embedding.embedding_dim, self.layers[0].half
         # Every layer's vertical input, channels last, with zeros where its kernel overhangs the
         # map: (N, half + H, half + W + half, C).

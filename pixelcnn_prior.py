@@ -8,7 +8,8 @@
         --prior-model models/prior/best.pt --filename prior_samples
 
 The codes are extracted once, on the chosen device: the first 50,000 training images' to learn
-from, the last 10,000 (--hold-out) to choose best.pt by, the test images' to report. The loss is the
+from (with --shift-augment R, also those of every shift of them by up to R pixels), the last
+10,000 (--hold-out) to choose best.pt by, the test images' to report. The loss is the
 negative log-likelihood of the code maps: reported in nats or bits per code map (49 codes) and bits
 per code. Writes logs/<output-folder>/ and models/<output-folder>/{best,last}.pt (kind 'prior').
 """
@@ -33,18 +34,27 @@ from training import LR_SCHEDULES, make_optimizer, make_scheduler
 TRAIN_SCALARS = ("loss/train/nll_nats_per_map", "loss/train/bits_per_code")
 LOCKED_ON_RESUME = ("arch", "heads", "num_layers", "channels", "batch_size", "lr",
                     "lr_schedule", "seed", "train_subset", "dropout", "label_dropout", "ema_decay",
-                    "hold_out")
+                    "hold_out", "shift_augment")
 # A run started before these flags existed trained without them: resumed, it goes on so.
 BEFORE_FLAGS = {"arch": "gated_pixelcnn", "dropout": 0.0, "label_dropout": 0.0, "ema_decay": 0.0,
-                "hold_out": 0}
+                "hold_out": 0, "shift_augment": 0}
 RENAMED = {"hidden_size": "channels"}  # the prior's old --hidden-size
 
 
 @torch.no_grad()
-def extract_codes(vqvae, split):
-    """-> codes (N, 7, 7) int64 and labels (N,), both on the split's device."""
-    codes, labels = zip(*[(vqvae.encode(images), y) for images, y in split.batches(1000)])
+def extract_codes(vqvae, split, shift=(0, 0)):
+    """-> codes (N, 7, 7) int64 and labels (N,), both on the split's device, of the images shifted
+    by `shift` (rows, columns) pixels: rolled, which on MNIST's empty 4-pixel border is a shift."""
+    codes, labels = zip(*[(vqvae.encode(images.roll(shift, dims=(2, 3))), y)
+                          for images, y in split.batches(1000)])
     return torch.cat(codes), torch.cat(labels)
+
+
+def pixel_shifts(r):
+    """The (2r + 1)^2 shifts by up to r pixels each way, the unshifted first: index i is the
+    prior's shift label i (`GatedPixelCNN.shift_embedding`)."""
+    around = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy or dx]
+    return [(0, 0)] + around
 
 
 @torch.no_grad()
@@ -91,6 +101,10 @@ def build_parser():
                    help="fraction of training maps shown with the null label instead of their "
                         "digit, so the prior is also unconditional (generate.py --guidance-scale); "
                         "0 trains a conditional-only prior")
+    p.add_argument("--shift-augment", type=nonnegative_int, default=0,
+                   help="also train on the maps of the training images shifted by up to this many "
+                        "pixels each way, telling the prior the shift; it models, samples and is "
+                        "scored on unshifted maps (Gated PixelCNN only)")
     p.add_argument("--ema-decay", type=fraction, default=0.999,
                    help="checkpoints hold this exponential moving average of the weights; 0: the "
                         "weights themselves")
@@ -112,13 +126,18 @@ def parse_args(argv=None):
     if args.arch == "transformer" and args.channels % args.heads:
         fail(f"--channels {args.channels}: the transformer's width must be a multiple of "
              f"--heads {args.heads}")
+    if args.arch == "transformer" and args.shift_augment:
+        fail(f"--shift-augment {args.shift_augment}: only the Gated PixelCNN prior takes it")
+    if args.shift_augment > 3:
+        fail(f"--shift-augment {args.shift_augment}: expected at most 3 pixels (a digit has a "
+             f"4-pixel border)")
     return args, checkpoint
 
 
 def model_config(args, K):
     _, config = PRIORS[args.arch]
-    width = {"channels": args.channels} if args.arch == "gated_pixelcnn" else \
-        {"width": args.channels, "heads": args.heads}
+    width = {"channels": args.channels, "shift_augment": args.shift_augment} \
+        if args.arch == "gated_pixelcnn" else {"width": args.channels, "heads": args.heads}
     return config(k=K, num_layers=args.num_layers, dropout=args.dropout,
                   unconditional=args.label_dropout > 0, **width)
 
@@ -128,7 +147,9 @@ def main(args, checkpoint=None):
     vqvae, _ = load_vqvae(args.vqvae_model, device, "--vqvae-model", vqvae_sizes(args))
     shuffle = seed_everything(args.seed)
     fit, held_out = training_slices(args.data_folder, device, args.hold_out, args.train_subset)
-    train_codes, train_labels = extract_codes(vqvae, fit)
+    extracted = [extract_codes(vqvae, fit, shift) for shift in pixel_shifts(args.shift_augment)]
+    train_codes = torch.stack([codes for codes, _ in extracted])   # (shifts, N, 7, 7), unshifted 1st
+    train_labels = extracted[0][1]
     held_out_codes = extract_codes(vqvae, held_out) if held_out else None
     test_codes = extract_codes(vqvae, MNISTSplit(args.data_folder, False, device,
                                                  limit=args.test_subset))
@@ -137,7 +158,7 @@ def main(args, checkpoint=None):
     # The weights that are evaluated, saved and sampled: the average, or the weights themselves.
     ema_prior = copy.deepcopy(prior).requires_grad_(False).eval() if args.ema_decay else prior
     optimizer = make_optimizer(prior, args.lr, device)
-    n = len(train_codes)
+    shifts, n = train_codes.shape[:2]
     steps_per_epoch = -(-n // args.batch_size)
     scheduler = make_scheduler(optimizer, args.lr_schedule, args.num_epochs * steps_per_epoch)
     state = {"state_dict": ema_prior, "optimizer": optimizer, "scheduler": scheduler}
@@ -145,8 +166,9 @@ def main(args, checkpoint=None):
         state["training_state_dict"] = prior
     with TrainingRun("pixelcnn_prior.py", "prior", args, saved_config(config), state, checkpoint,
                      shuffle, TRAIN_SCALARS, device=device) as run:
-        print(f"prior {args.output_folder}: {n} train / {len(held_out_codes[0]) if held_out else 0}"
-              f" held-out / {len(test_codes[0])} test code maps, K {config.k}, device {device}; "
+        print(f"prior {args.output_folder}: {n} train{f' x {shifts} shifts' if shifts > 1 else ''}"
+              f" / {len(held_out_codes[0]) if held_out else 0} held-out / {len(test_codes[0])} "
+              f"test code maps, K {config.k}, device {device}; "
               f"uniform bound {49 * math.log2(config.k):.0f} bits per map")
         digits = torch.arange(10, device=device).repeat_interleave(8)
         for epoch in run.epochs(args.num_epochs, steps_per_epoch):
@@ -156,12 +178,14 @@ def main(args, checkpoint=None):
                           leave=False, desc=f"epoch {epoch + 1}", total=steps_per_epoch,
                           initial=run.batch_in_epoch):
                 idx = order[i:i + args.batch_size]
-                codes, labels = train_codes[idx], train_labels[idx]
+                shift = torch.randint(shifts, idx.shape, device=device) if shifts > 1 else None
+                codes = train_codes[0 if shift is None else shift, idx]
+                labels = train_labels[idx]
                 if args.label_dropout:
                     dropped = torch.rand(labels.shape, device=device) < args.label_dropout
                     labels = labels.masked_fill(dropped, prior.null_label)
                 # step
-                loss = F.cross_entropy(prior(codes, labels), codes)          # nats per code
+                loss = F.cross_entropy(prior(codes, labels, shift), codes)   # nats per code
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

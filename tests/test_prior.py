@@ -1,13 +1,15 @@
 """The priors over code maps (gated_pixelcnn.py, code_transformer.py, priors.py), their sampler
 (sampling.py) and their trainer (pixelcnn_prior.py)."""
 import copy
+import os
 
 import pytest
 import torch
 
-from checkpoints import load_checkpoint, load_prior, load_state, save_checkpoint
+from checkpoints import load_checkpoint, load_prior, load_state, load_vqvae, save_checkpoint
 from code_transformer import CodeTransformer, CodeTransformerConfig
 from conftest import assert_clean_failure, assert_same_weights, prior_flags, run
+from data import MNISTSplit
 from gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from priors import prior_from_config
 
@@ -25,7 +27,8 @@ def assert_causal_without_blind_spot(prior, K, blind_spot_check=True):
     """The logits at (i, j) depend on no code from (i, j) on in raster order, and (unless saturated
     weights zero some gradients) on every code before it."""
     x = prior.embedding(torch.randint(K, (1, 7, 7))).permute(0, 3, 1, 2).detach().requires_grad_()
-    logits = prior.output(prior.stacks_embedded(x, torch.tensor([3])))   # (1, K, 7, 7)
+    biases = prior.conditioning(torch.tensor([3])).chunk(len(prior.layers), dim=1)
+    logits = prior.output(prior.stacks_embedded(x, biases))               # (1, K, 7, 7)
     raster = torch.arange(49).view(7, 7)
     for i in range(7):
         for j in range(7):
@@ -260,3 +263,46 @@ def test_the_priors_old_hidden_size_flag_names_its_new_name(tmp_path):
     result = run("pixelcnn_prior.py", "--vqvae-model", "x.pt", "--hidden-size", "64", cwd=tmp_path,
                  check=False)
     assert_clean_failure(result, "--hidden-size", "--channels 64")
+
+
+def test_shift_augment_trains_on_every_shift_told_which_and_scores_the_unshifted(trained_run,
+                                                                                  data_folder):
+    """--shift-augment 1: every training map is drawn from one of the 9 shifts of its image, each
+    with its own shift label (every row of the shift embedding moves from zero); NLLs, samples and
+    generate.py are the unshifted maps' (shift 0, what forward takes without shifts)."""
+    import pixelcnn_prior
+    cwd, _ = trained_run
+    shifts = pixelcnn_prior.pixel_shifts(1)
+    assert shifts[0] == (0, 0) and len(set(shifts)) == 9 and max(map(max, shifts)) == 1
+    vqvae, _ = load_vqvae(str(cwd / "models/tiny/best.pt"), "cpu")
+    split = MNISTSplit(data_folder, True, "cpu", limit=128)
+    images, _ = next(split.batches(128))
+    shifted, _ = pixelcnn_prior.extract_codes(vqvae, split, (1, -1))
+    assert torch.equal(shifted, vqvae.encode(images.roll((1, -1), dims=(2, 3))))
+    assert not torch.equal(shifted, pixelcnn_prior.extract_codes(vqvae, split)[0])
+
+    run("pixelcnn_prior.py", "--vqvae-model", "models/tiny/best.pt", "--data-folder", data_folder,
+        "--train-subset", "512", "--test-subset", "128", "--num-epochs", "1", "--num-layers", "2",
+        "--channels", "16", "--hold-out", "128", "--shift-augment", "1", "--output-folder",
+        "prior_shifted", cwd=cwd)
+    prior = load_prior(str(cwd / "models/prior_shifted/best.pt"), "cpu", 32)
+    rows = prior.shift_embedding.weight
+    assert rows.shape[0] == 9 and (rows.abs().sum(1) > 0).all()
+    codes, labels = torch.randint(32, (2, 7, 7)), torch.tensor([3, 10])
+    with torch.no_grad():
+        unshifted = prior(codes, labels)
+        torch.testing.assert_close(unshifted, prior(codes, labels, torch.zeros(2, dtype=torch.long)))
+        assert not torch.allclose(unshifted, prior(codes, labels, torch.ones(2, dtype=torch.long)))
+    run("generate.py", "--model", "models/tiny/best.pt", "--input", "prior", "--prior-model",
+        "models/prior_shifted/best.pt", "--filename", "shifted", cwd=cwd)
+    assert (cwd / "generatedImages" / "shifted.png").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--shift-augment", "4"], ["--shift-augment 4", "at most 3"]),
+    (["--shift-augment", "1", "--arch", "transformer"], ["--shift-augment 1", "Gated PixelCNN"]),
+])
+def test_bad_shift_augment_is_one_line(flags, words, tmp_path):
+    result = run("pixelcnn_prior.py", "--vqvae-model", "x.pt", *flags, cwd=tmp_path, check=False)
+    assert_clean_failure(result, *words)
+    assert os.listdir(tmp_path) == []
