@@ -185,7 +185,8 @@ def main(args, checkpoint=None):
                     dropped = torch.rand(labels.shape, device=device) < args.label_dropout
                     labels = labels.masked_fill(dropped, prior.null_label)
                 # step
-                loss = F.cross_entropy(prior(codes, labels, shift), codes)   # nats per code
+                logits = prior(codes, labels) if shift is None else prior(codes, labels, shift)
+                loss = F.cross_entropy(logits, codes)                        # nats per code
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
