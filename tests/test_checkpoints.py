@@ -65,7 +65,7 @@ def test_checkpoints_keep_the_model_apart_from_the_command_line(trained_prior, t
     prior = torch.load(cwd / "models" / "prior" / "last.pt", weights_only=True)
     assert prior["model_config"] == {"arch": "gated_pixelcnn", "k": 32, "channels": 32,
                                      "num_layers": 4, "num_classes": 10, "dropout": 0.1,
-                                     "unconditional": True}
+                                     "unconditional": True, "shift_augment": 0}
     assert prior["run_config"]["channels"] == 32 and "k" not in prior["run_config"]
     judge = torch.load(trained_classifier[0] / "models" / "judge" / "last.pt", weights_only=True)
     assert judge["model_config"] == {"arch": "cnn"}
