@@ -22,8 +22,8 @@ class GatedPixelCNNConfig:
     dropout: float = 0.1       # on every layer's gated outputs
     unconditional: bool = True  # label `num_classes` means "no digit" (for guidance)
     shift_augment: int = 0     # trained also on the maps of images shifted by up to this many
-                               # pixels, told the shift (`shifts`); it models, samples and is
-                               # evaluated on the unshifted maps
+                               # pixels, told the shift (forward's `shifts`); it models, samples
+                               # and is evaluated on the unshifted maps
 
 
 class GatedMaskedConv2d(nn.Module):

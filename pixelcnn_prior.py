@@ -44,7 +44,8 @@ RENAMED = {"hidden_size": "channels"}  # the prior's old --hidden-size
 @torch.no_grad()
 def extract_codes(vqvae, split, shift=(0, 0)):
     """-> codes (N, 7, 7) int64 and labels (N,), both on the split's device, of the images shifted
-    by `shift` (rows, columns) pixels: rolled, which on MNIST's empty 4-pixel border is a shift."""
+    by `shift` (rows, columns) pixels. Rolled, so ink at an edge wraps round: for a one-pixel shift
+    that touches 1.4% of the training images, whose outer ring of pixels is not empty."""
     codes, labels = zip(*[(vqvae.encode(images.roll(shift, dims=(2, 3))), y)
                           for images, y in split.batches(1000)])
     return torch.cat(codes), torch.cat(labels)
@@ -129,8 +130,8 @@ def parse_args(argv=None):
     if args.arch == "transformer" and args.shift_augment:
         fail(f"--shift-augment {args.shift_augment}: only the Gated PixelCNN prior takes it")
     if args.shift_augment > 3:
-        fail(f"--shift-augment {args.shift_augment}: expected at most 3 pixels (a digit has a "
-             f"4-pixel border)")
+        fail(f"--shift-augment {args.shift_augment}: expected at most 3 pixels (MNIST's digits "
+             f"fit a 20 x 20 box in the 28 x 28 image)")
     return args, checkpoint
 
 
