@@ -44,9 +44,10 @@ def test_committed_checkpoints_load_and_resume(tmp_path, data_folder):
     prior = load_prior(os.path.join(PRETRAINED, "prior_mnist.pt"), "cpu", 512)
     assert type(prior).__name__ == "GatedPixelCNN" and len(prior.layers) == 12
     assert prior.embedding.embedding_dim == 96 and prior.null_label == 10
+    assert prior.shift_embedding.num_embeddings == 9  # trained with --shift-augment 1
     committed = torch.load(os.path.join(PRETRAINED, "prior_mnist.pt"), weights_only=True)
     assert committed["run_config"]["hold_out"] == 10000  # sample_quality's reference unseen
-    assert committed["metrics"]["test_bits_per_map"] == pytest.approx(193.87, abs=0.01)
+    assert committed["metrics"]["test_bits_per_map"] == pytest.approx(187.34, abs=0.01)
     assert committed["state_dict"]["layers.1.vertical.weight"].dtype == torch.int8  # 3 MB, not 6
     assert type(load_classifier(os.path.join(PRETRAINED, "classifier.pt"), "cpu")).__name__ == \
         "MNISTClassifier"
