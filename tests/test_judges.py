@@ -86,7 +86,9 @@ def test_committed_models_make_real_digits(tmp_path, data_folder):
         for source in sampled + [report["floor"]]:
             figures = rows[source]["judges"][name]
             assert figures["agreement"] >= 0.97, (name, source, figures)
-            assert figures["frechet_distance"] < uniform["frechet_distance"] / 10, (name, source)
+            # 5x, not 10x: at 200 samples the MLP judge puts even the floor only about 10x
+            # closer than uniform codes (its finite-sample bias), so 10x was a coin toss
+            assert figures["frechet_distance"] < uniform["frechet_distance"] / 5, (name, source)
             assert figures["recall"] > uniform["recall"], (name, source)
 
 
