@@ -47,6 +47,7 @@ def test_committed_checkpoints_load_and_resume(tmp_path, data_folder):
     assert prior.shift_embedding.num_embeddings == 9  # trained with --shift-augment 1
     committed = torch.load(os.path.join(PRETRAINED, "prior_mnist.pt"), weights_only=True)
     assert committed["run_config"]["hold_out"] == 10000  # sample_quality's reference unseen
+    assert committed["run_config"]["num_epochs"] == 16 and committed["epoch"] == 16  # model.txt
     assert committed["metrics"]["test_bits_per_map"] == pytest.approx(187.34, abs=0.01)
     assert committed["state_dict"]["layers.1.vertical.weight"].dtype == torch.int8  # 3 MB, not 6
     assert type(load_classifier(os.path.join(PRETRAINED, "classifier.pt"), "cpu")).__name__ == \

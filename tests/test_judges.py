@@ -66,7 +66,7 @@ def test_sample_quality_checks_every_sampler_before_drawing(trained_prior, tmp_p
 def test_committed_models_make_real_digits(tmp_path, data_folder):
     """The committed VQ-VAE, prior and judges fit together: under all three judges, prior samples
     (generate.py's default sampler) and a perfect prior's (reconstructions) are read as the digits
-    asked for (README: 98.5-99% at 10,000 samples; here at least 97% of 200, about two binomial
+    asked for (README: 98.7-99.2% at 10,000 samples; here at least 97% of 200, about two binomial
     standard deviations below the lowest), lie far closer to the reference than uniformly drawn codes, and a fresh classifier
     tells uniform codes from the reference at once; the committed prior never saw the reference
     (it trained with --hold-out 10000)."""
@@ -86,8 +86,9 @@ def test_committed_models_make_real_digits(tmp_path, data_folder):
         for source in sampled + [report["floor"]]:
             figures = rows[source]["judges"][name]
             assert figures["agreement"] >= 0.97, (name, source, figures)
-            # 5x, not 10x: at 200 samples the MLP judge puts even the floor only about 10x
-            # closer than uniform codes (its finite-sample bias), so 10x was a coin toss
+            # 5x, not 10x: at 200 samples the MLP judge puts even the floor only 9.6x closer than
+            # uniform codes (6.98 against 67.1; those codes are drawn after the prior is built, so
+            # their draw moves with its architecture); random-code samples would sit near 1x
             assert figures["frechet_distance"] < uniform["frechet_distance"] / 5, (name, source)
             assert figures["recall"] > uniform["recall"], (name, source)
 
