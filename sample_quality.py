@@ -79,21 +79,23 @@ def reconstructions(vqvae, images):
     return to_uint8(in_batches(lambda x: vqvae(x)[0], normalize(images)))
 
 
-def baseline_sources(vqvae, train, n, device, baselines=True):
+def baseline_sources(vqvae, train, n, device, seed, baselines=True):
     """Images any prior should beat (`baselines`), then a perfect prior's -> {name: (uint8
-    images (n, 1, 28, 28), requested labels or None)}."""
+    images (n, 1, 28, 28), requested labels or None)}. The baselines draw from a generator of their
+    own, so neither they nor the prior's samples depend on what the other consumed."""
     sources, K = {}, vqvae.codeBook.K
     if baselines:
+        g = torch.Generator(device).manual_seed(seed)
         histogram = count_codes(in_batches(vqvae.encode, normalize(train.images[:n])), K)
+        noise = torch.normal(0.5, 0.5, (n, 1, 28, 28), generator=g, device=device)
+        uniform = torch.randint(K, (n, 7, 7), generator=g, device=device)
+        by_histogram = torch.multinomial(histogram, n * 49, replacement=True, generator=g)
         sources = {
-            "original `--input random` (noise through the VQ-VAE)": (to_uint8(in_batches(
-                lambda x: vqvae(x)[0], torch.normal(0.5, 0.5, (n, 1, 28, 28), device=device))),
-                None),
-            "codes drawn uniformly": (to_uint8(in_batches(
-                vqvae.decode, torch.randint(K, (n, 7, 7), device=device))), None),
+            "original `--input random` (noise through the VQ-VAE)": (
+                to_uint8(in_batches(lambda x: vqvae(x)[0], noise)), None),
+            "codes drawn uniformly": (to_uint8(in_batches(vqvae.decode, uniform)), None),
             "codes drawn from their training histogram": (to_uint8(in_batches(
-                vqvae.decode, torch.multinomial(histogram, n * 49, replacement=True)
-                .view(n, 7, 7))), None)}
+                vqvae.decode, by_histogram.view(n, 7, 7))), None)}
     floor = slice(FLOOR_START, FLOOR_START + n)
     sources[FLOOR] = (reconstructions(vqvae, train.images[floor]), train.labels[floor])
     return sources
@@ -145,7 +147,7 @@ def main():
     held_out = slice(REFERENCE_START, REFERENCE_START + n)
     with torch.no_grad():
         reference = reconstructions(vqvae, train.images[held_out])
-        sources = baseline_sources(vqvae, train, n, device, args.baselines)
+        sources = baseline_sources(vqvae, train, n, device, args.seed, args.baselines)
         for sampler, t in samplers:
             name = f"prior, guidance {sampler['guidance_scale']:g}, temperature {t:g}" + \
                 (f", positions {args.guidance_interval[0]}-{args.guidance_interval[1] - 1}"
