@@ -15,6 +15,19 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The cores shared out between the workers (pytest.ini), here and in the processes the tests
+    # start: two workers of two threads each on two cores ran the suite 2.5x slower than one.
+    THREADS = max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each trains the shared runs it needs again)."""
+    return min(4, CORES)
+
 
 ORIGINAL_CONFIGURATION = ["--codebook", "loss", "--codebook-init", "uniform", "--dead-code-threshold",
                       "0", "--lr-schedule", "constant", "--conv-init-scale", "1",
@@ -173,3 +186,10 @@ def trained_classifier(tmp_path_factory, data_folder):
     result = run("classifier.py", "--output-folder", "judge", "--data-folder", data_folder,
                  *CLASSIFIER, cwd=cwd)
     return cwd, result
+
+
+def pytest_collection_modifyitems(items):
+    """The longest files first, so that under `-n` (pytest.ini) the last to finish are short ones."""
+    first = ("test_notebook.py", "test_gpu_and_torchrun.py", "test_runs.py", "test_quantizers.py")
+    rank = lambda item: first.index(item.path.name) if item.path.name in first else len(first)  # noqa: E731
+    items.sort(key=rank)

@@ -52,8 +52,8 @@ def test_notebook_runs_headless_resumes_and_makes_its_files(tmp_path, monkeypatc
         try:
             for index, cell in enumerate(notebook.cells):
                 if index == training_cell:  # started by the %tensorboard magic, before training
-                    server = next(info for info in manager.get_all()
-                                  if info.pid not in servers_before)
+                    server = next(info for info in manager.get_all()  # (not another test's)
+                                  if info.pid not in servers_before and info.logdir == "logs")
                     assert runs_shown() == []
                 client.execute_cell(cell, index)
             deadline = time.time() + 60  # the server reads logs/ again every 5 s
