@@ -24,9 +24,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: one worker per core, at most 4 (each trains the shared runs it needs again)."""
-    return min(4, CORES)
+    """`-n auto`: one worker per core, at most 4 (each trains the shared runs it needs again), and
+    no more than the files named, where only files are (a worker takes whole files); one file runs
+    in this process (0), where a worker would only add its start-up."""
+    files = {arg.split("::")[0] for arg in config.args}
+    named = len(files) if files and all(f.endswith(".py") for f in files) else CORES
+    return 0 if named == 1 else min(4, CORES, named)
 
 
 ORIGINAL_CONFIGURATION = ["--codebook", "loss", "--codebook-init", "uniform", "--dead-code-threshold",
@@ -191,5 +196,5 @@ def trained_classifier(tmp_path_factory, data_folder):
 def pytest_collection_modifyitems(items):
     """The longest files first, so that under `-n` (pytest.ini) the last to finish are short ones."""
     first = ("test_notebook.py", "test_gpu_and_torchrun.py", "test_runs.py", "test_quantizers.py")
-    rank = lambda item: first.index(item.path.name) if item.path.name in first else len(first)  # noqa: E731
-    items.sort(key=rank)
+    rank = {name: i for i, name in enumerate(first)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(first)))

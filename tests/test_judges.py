@@ -96,24 +96,27 @@ def test_committed_models_make_real_digits(tmp_path, data_folder):
 def test_baselines_draw_from_a_generator_of_their_own():
     """sample_quality.py's baselines (noise, uniform and histogram codes) are the same images for a
     seed whatever the global generator went through before (building a larger prior draws more
-    initial weights), and leave it untouched for the prior's samples that follow."""
+    initial weights), other images for another seed, and leave the global generator untouched for
+    the prior's samples that follow."""
     from types import SimpleNamespace
     from modules import VectorQuantizedVAE
-    baseline_sources = load_script("sample_quality.py").baseline_sources
-    start, n = load_script("sample_quality.py").FLOOR_START, 20
+    sample_quality = load_script("sample_quality.py")
+    start, n = sample_quality.FLOOR_START, 20
     vqvae = VectorQuantizedVAE(1, 16, 32).eval()
     train = SimpleNamespace(images=torch.randint(256, (start + n, 28, 28), dtype=torch.uint8),
                             labels=torch.zeros(start + n, dtype=torch.long))
     drawn = []
-    for consumed in (0, 1000):
-        torch.manual_seed(1)
-        torch.rand(consumed)
-        before = torch.get_rng_state()
-        with torch.no_grad():
-            drawn.append(baseline_sources(vqvae, train, n, "cpu", seed=0))
-        assert torch.equal(torch.get_rng_state(), before)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for consumed, seed in ((0, 0), (1000, 0), (0, 1)):
+            torch.manual_seed(1)
+            torch.rand(consumed)
+            before = torch.get_rng_state()
+            drawn.append(sample_quality.baseline_sources(vqvae, train, n, "cpu", seed=seed))
+            assert torch.equal(torch.get_rng_state(), before)
     for name, (images, _) in drawn[0].items():
         assert torch.equal(images, drawn[1][name][0]), name
+        if name != sample_quality.FLOOR:  # the floor is real images: no seed
+            assert not torch.equal(images, drawn[2][name][0]), name
 
 
 def test_distribution_measures_agree_with_known_answers():

@@ -18,6 +18,7 @@ def test_notebook_runs_headless_resumes_and_makes_its_files(tmp_path, monkeypatc
     import json
     import shutil
     import signal
+    import tempfile
     import time
     import urllib.request
     import nbformat
@@ -35,7 +36,11 @@ def test_notebook_runs_headless_resumes_and_makes_its_files(tmp_path, monkeypatc
     monkeypatch.setenv("PATH", os.pathsep.join(
         folder for folder in os.environ["PATH"].split(os.pathsep)
         if not os.path.exists(os.path.join(folder, "tensorboard"))))
-    servers_before = {info.pid for info in manager.get_all()}
+    # TensorBoard lists its servers in the temporary folder: one of this test's own, so that the
+    # server found below is the notebook's, whatever other tests or notebooks run beside it.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     notebook = nbformat.read(os.path.join(REPO, "VQ-VAE.ipynb"), as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells)  # committed without outputs
     training_cell = next(i for i, cell in enumerate(notebook.cells)
@@ -52,8 +57,7 @@ def test_notebook_runs_headless_resumes_and_makes_its_files(tmp_path, monkeypatc
         try:
             for index, cell in enumerate(notebook.cells):
                 if index == training_cell:  # started by the %tensorboard magic, before training
-                    server = next(info for info in manager.get_all()  # (not another test's)
-                                  if info.pid not in servers_before and info.logdir == "logs")
+                    [server] = manager.get_all()
                     assert runs_shown() == []
                 client.execute_cell(cell, index)
             deadline = time.time() + 60  # the server reads logs/ again every 5 s
