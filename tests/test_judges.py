@@ -16,15 +16,16 @@ FIGURES = {"agreement", "frechet_distance", "kid", "precision", "recall", "frech
 
 def test_sample_quality_reports_every_source(trained_prior, data_folder):
     """Every source (each guidance scale x keep) under the three committed judges with every
-    figure, the two-sample test, the floor (reconstructions of another slice); agreement is each judge's accuracy on what it is
-    shown (for real images checked here by hand); the tiny prior held the reference out."""
+    figure, the two-sample test, the floor (reconstructions of random training images: the mean
+    of its draws, with their spread); agreement is each judge's accuracy on what it is shown (for
+    real images checked here by hand); the tiny prior held the reference out."""
     from checkpoints import load_classifier
     from data import normalize
     cwd, _ = trained_prior
     result = run("sample_quality.py", "--model", "models/tiny/best.pt", "--prior-model",
                  "models/prior/best.pt", "--num-samples", "200", "--guidance-scales", "1", "3",
                  "--keeps", "1", "0.5", "--data-folder", data_folder, "--test-subset", "1000",
-                 "--json", cwd=cwd)
+                 "--floor-draws", "2", "--json", cwd=cwd)
     report = json.loads(result.stdout)
     assert report["prior_saw_the_reference"] is False  # trained with --hold-out
     rows = {row["source"]: row for row in report["rows"]}
@@ -34,13 +35,24 @@ def test_sample_quality_reports_every_source(trained_prior, data_folder):
     for row in rows.values():
         assert 0 <= row["two_sample_accuracy"] <= 1 and set(row["judges"]) == set(JUDGE_NAMES)
         assert all(FIGURES == set(figures) for figures in row["judges"].values())
-    real = MNISTSplit(data_folder, True, "cpu", start=40000, limit=200)
+    floor = rows[report["floor"]]
+    assert report["floor_draws"] == len(floor["draws"]) == 2
+    for name in JUDGE_NAMES:
+        draws = [draw["judges"][name]["frechet_distance"] for draw in floor["draws"]]
+        assert draws[0] != draws[1]
+        assert floor["judges"][name]["frechet_distance"] == pytest.approx(sum(draws) / 2)
+        assert floor["spread"]["judges"][name]["frechet_distance"] == \
+            pytest.approx(abs(draws[0] - draws[1]) / 2)
+    first_draw = load_script("sample_quality.py").floor_indices(200, 1)[0]
+    train = MNISTSplit(data_folder, True, "cpu")
+    images, labels = train.images[first_draw], train.labels[first_draw]
     for name in JUDGE_NAMES:
         judged = {source: row["judges"][name] for source, row in rows.items()}
         judge = load_classifier(os.path.join(REPO, "models", "pretrained", name + ".pt"), "cpu")
         with torch.no_grad():
-            correct = (judge(normalize(real.images)).argmax(1) == real.labels)
-        assert judged["real: training images 40,000.. (the floor's originals)"]["agreement"] == \
+            correct = (judge(normalize(images)).argmax(1) == labels)
+        assert judged["real: the training images of the floor's first draw (its originals)"][
+            "agreement"] == \
             pytest.approx(correct.float().mean().item()), name
         assert judged[report["floor"]]["frechet_distance"] < \
             judged["codes drawn uniformly"]["frechet_distance"], name
@@ -101,10 +113,9 @@ def test_baselines_draw_from_a_generator_of_their_own():
     from types import SimpleNamespace
     from modules import VectorQuantizedVAE
     sample_quality = load_script("sample_quality.py")
-    start, n = sample_quality.FLOOR_START, 20
+    n = 20
     vqvae = VectorQuantizedVAE(1, 16, 32).eval()
-    train = SimpleNamespace(images=torch.randint(256, (start + n, 28, 28), dtype=torch.uint8),
-                            labels=torch.zeros(start + n, dtype=torch.long))
+    train = SimpleNamespace(images=torch.randint(256, (n, 28, 28), dtype=torch.uint8))
     drawn = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for consumed, seed in ((0, 0), (1000, 0), (0, 1)):
@@ -115,8 +126,43 @@ def test_baselines_draw_from_a_generator_of_their_own():
             assert torch.equal(torch.get_rng_state(), before)
     for name, (images, _) in drawn[0].items():
         assert torch.equal(images, drawn[1][name][0]), name
-        if name != sample_quality.FLOOR:  # the floor is real images: no seed
-            assert not torch.equal(images, drawn[2][name][0]), name
+        assert not torch.equal(images, drawn[2][name][0]), name
+
+
+def test_floor_draws_are_random_training_maps_whatever_the_seed(trained_prior, data_folder,
+                                                                monkeypatch):
+    """The floor's draws: distinct random images of the prior's training part (0..49,999, not a
+    contiguous slice: MNIST's training file runs in writer groups), the same whatever the global
+    generator holds, so every sampling seed meets the same floor; the prior is asked for the first
+    draw's digits (so both have the training maps' class mix)."""
+    sample_quality = load_script("sample_quality.py")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        first = sample_quality.floor_indices(1000, 3)
+        torch.manual_seed(2)
+        again = sample_quality.floor_indices(1000, 3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    for draw in first:
+        assert len(draw.unique()) == 1000 and 0 <= draw.min() and draw.max() < 50000
+        assert draw.max() - draw.min() > 40000    # spread over the whole part, not one slice
+    assert not torch.equal(first[0], first[1])
+
+    class Asked(Exception):
+        pass
+
+    def record(prior, vqvae, labels, **sampler):
+        raise Asked(labels)
+
+    cwd, _ = trained_prior
+    monkeypatch.setattr(sample_quality, "sample_prior", record)
+    monkeypatch.setattr("sys.argv", [
+        "sample_quality.py", "--model", str(cwd / "models" / "tiny" / "best.pt"), "--prior-model",
+        str(cwd / "models" / "prior" / "best.pt"), "--num-samples", "300", "--no-baselines",
+        "--data-folder", data_folder, "--seed", "5"])
+    with pytest.raises(Asked) as asked:
+        sample_quality.main()
+    wanted = MNISTSplit(data_folder, True, "cpu").labels[sample_quality.floor_indices(300, 1)[0]]
+    assert torch.equal(asked.value.args[0], wanted)
 
 
 def test_distribution_measures_agree_with_known_answers():
