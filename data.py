@@ -28,7 +28,7 @@ SHIPPED_MNIST = os.path.join(REPO_DIR, "MNIST")
 
 # The training split in two: the judges and the prior learn from the first 50,000 images and choose
 # their checkpoints on the last 10,000 (--hold-out), so that the test set only reports;
-# sample_quality.py takes its real-image floor from these 10,000 too.
+# sample_quality.py takes its reference from these 10,000 and its floor from the first 50,000.
 TRAIN_IMAGES = 60000
 HOLD_OUT = 10000
 

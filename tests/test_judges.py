@@ -43,7 +43,7 @@ def test_sample_quality_reports_every_source(trained_prior, data_folder):
         assert floor["judges"][name]["frechet_distance"] == pytest.approx(sum(draws) / 2)
         assert floor["spread"]["judges"][name]["frechet_distance"] == \
             pytest.approx(abs(draws[0] - draws[1]) / 2)
-    first_draw = load_script("sample_quality.py").floor_indices(200, 1)[0]
+    first_draw = load_script("sample_quality.py").floor_indices(200, 1)[1][0]
     train = MNISTSplit(data_folder, True, "cpu")
     images, labels = train.images[first_draw], train.labels[first_draw]
     for name in JUDGE_NAMES:
@@ -132,16 +132,23 @@ def test_baselines_draw_from_a_generator_of_their_own():
 def test_floor_draws_are_random_training_maps_whatever_the_seed(trained_prior, data_folder,
                                                                 monkeypatch):
     """The floor's draws: distinct random images of the prior's training part (0..49,999, not a
-    contiguous slice: MNIST's training file runs in writer groups), the same whatever the global
-    generator holds, so every sampling seed meets the same floor; the prior is asked for the first
-    draw's digits (so both have the training maps' class mix)."""
+    contiguous slice), the same whatever the global generator holds, so every sampling seed meets
+    the same floor; with --floor-from held-out, the reference and the one draw are disjoint random
+    halves of the held-out images 50,000..; the prior is asked for the first draw's digits (so
+    both have the training maps' class mix)."""
     sample_quality = load_script("sample_quality.py")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        first = sample_quality.floor_indices(1000, 3)
+        reference, first = sample_quality.floor_indices(1000, 3)
         torch.manual_seed(2)
-        again = sample_quality.floor_indices(1000, 3)
+        _, again = sample_quality.floor_indices(1000, 3)
+        held_reference, held_draws = sample_quality.floor_indices(5000, 3, "held-out")
+    assert torch.equal(reference, torch.arange(50000, 51000))
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len(held_draws) == 1
+    both = torch.cat([held_reference, held_draws[0]])
+    assert len(both.unique()) == 10000 and both.min() == 50000 and both.max() == 59999
+    assert held_reference.max() - held_reference.min() > 9000    # a random half, not a slice
     for draw in first:
         assert len(draw.unique()) == 1000 and 0 <= draw.min() and draw.max() < 50000
         assert draw.max() - draw.min() > 40000    # spread over the whole part, not one slice
@@ -155,14 +162,17 @@ def test_floor_draws_are_random_training_maps_whatever_the_seed(trained_prior, d
 
     cwd, _ = trained_prior
     monkeypatch.setattr(sample_quality, "sample_prior", record)
-    monkeypatch.setattr("sys.argv", [
-        "sample_quality.py", "--model", str(cwd / "models" / "tiny" / "best.pt"), "--prior-model",
-        str(cwd / "models" / "prior" / "best.pt"), "--num-samples", "300", "--no-baselines",
-        "--data-folder", data_folder, "--seed", "5"])
-    with pytest.raises(Asked) as asked:
-        sample_quality.main()
-    wanted = MNISTSplit(data_folder, True, "cpu").labels[sample_quality.floor_indices(300, 1)[0]]
-    assert torch.equal(asked.value.args[0], wanted)
+    labels = MNISTSplit(data_folder, True, "cpu").labels
+    for floor_from in ("training", "held-out"):
+        monkeypatch.setattr("sys.argv", [
+            "sample_quality.py", "--model", str(cwd / "models" / "tiny" / "best.pt"),
+            "--prior-model", str(cwd / "models" / "prior" / "best.pt"), "--num-samples", "300",
+            "--no-baselines", "--data-folder", data_folder, "--seed", "5",
+            "--floor-from", floor_from])
+        with pytest.raises(Asked) as asked:
+            sample_quality.main()
+        wanted = labels[sample_quality.floor_indices(300, 1, floor_from)[1][0]]
+        assert torch.equal(asked.value.args[0], wanted), floor_from
 
 
 def test_distribution_measures_agree_with_known_answers():
