@@ -15,7 +15,10 @@ from the reference (RESULTS.md, seventh pass), too wide for one draw to resolve 
 the five contiguous 10,000-image slices 0.. to 40,000.. lie 0.50-0.85, and a slice is not a random
 draw of what the prior learned from. The prior is asked for the digits of the floor's first draw, so
 both have the training maps' class mix (asking for every digit equally often moves the MLP judge's
-Frechet distance by about a tenth). Per source of N images (default 10,000) and per judge
+Frechet distance by about a tenth). The two CNN judges trained on those images, and their
+features set them apart from unseen ones (RESULTS.md, seventh pass): with --floor-from held-out
+the reference and the floor are two random halves of the held-out images instead, seen by no
+judge, at N <= 5,000. Per source of N images (default 10,000) and per judge
 (--classifiers; default the three committed judges): class agreement (real images: their label);
 in the judge's 128-d features, the Frechet distance and the kernel distance (KID) to the
 reference, improved precision and recall (Kynkaanniemi et al. 2019: recall falls when variety is

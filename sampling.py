@@ -16,7 +16,8 @@ from cli import fail, nonnegative_float, nonnegative_int, positive_int, unit_flo
 # "The prior under three judges, second pass": of the committed prior's samplers at temperature
 # 1.0 whose class agreement reaches 98.5% under the CNN and MLP judges (mean over sampling seeds
 # 0-2), the one nearest its floor under both (Frechet distance as a multiple of the floor's);
-# chosen again from the int8 file, against guidance 1.1 and keep 0.7 ("third pass").
+# chosen again from the int8 file, against guidance 1.1 and keep 0.7 ("third pass"), for the
+# committed prior ("fifth pass"), and under the random-draw and held-out floors ("seventh pass").
 DEFAULT_GUIDANCE_SCALE = 1.2
 DEFAULT_KEEP = 0.8
 
