@@ -26,7 +26,7 @@ prior_<variant>_s<seed> --num-epochs N --seed <seed>`, resumed if interrupted), 
 `sample_quality.py --json --no-baselines` at generate.py's default sampler (written to
 models/prior_<variant>_s<seed>/sample_quality.json); the second table: the prior's test NLL, and per judge
 the class agreement and the Frechet distance as a multiple of its floor (that VQ-VAE's
-reconstructions of other training images), the CNN judge's recall, the two-sample accuracy.
+reconstructions of random draws of its training images), the CNN judge's recall, the two-sample accuracy.
 --prior-flags and --judge-flags pass more flags to those two scripts (e.g. a quick look on fewer
 maps and samples).
 """

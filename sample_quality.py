@@ -15,7 +15,7 @@ from the reference (RESULTS.md, seventh pass), too wide for one draw to resolve 
 the five contiguous 10,000-image slices 0.. to 40,000.. lie 0.50-0.85, and a slice is not a random
 draw of what the prior learned from. The prior is asked for the digits of the floor's first draw, so
 both have the training maps' class mix (asking for every digit equally often moves the MLP judge's
-Frechet distance by about a tenth). The two CNN judges trained on those images, and their
+Frechet distance by about 10%). The judges trained on those images too, and the two CNN judges'
 features set them apart from unseen ones (RESULTS.md, seventh pass): with --floor-from held-out
 the reference and the floor are two random halves of the held-out images instead, seen by no
 judge, at N <= 5,000. Per source of N images (default 10,000) and per judge
@@ -121,12 +121,12 @@ def floor_indices(n, draws, floor_from="training"):
     index tensors (n,)), the same whatever --seed (a generator of their own). From "training":
     the reference is images 50,000.., each draw a random one of images 0..49,999 without
     replacement; from "held-out": the images 50,000.. in random order, the reference the first n,
-    the one draw the next n (n <= 5,000)."""
+    the one draw the next n (n at most 5,000: half of them)."""
     g = torch.Generator().manual_seed(FLOOR_SEED)
     if floor_from == "training":
         return (torch.arange(REFERENCE_START, REFERENCE_START + n),
                 [torch.randperm(REFERENCE_START, generator=g)[:n] for _ in range(draws)])
-    held_out = REFERENCE_START + torch.randperm(HOLD_OUT, generator=g)
+    n, held_out = min(n, HOLD_OUT // 2), REFERENCE_START + torch.randperm(HOLD_OUT, generator=g)
     return held_out[:n], [held_out[n:2 * n]]
 
 
@@ -166,8 +166,9 @@ def floor_row(first, others):
     standard deviations under "spread" (0 for a single draw) and each draw's figures under
     "draws"."""
     draws = [first] + others
-    stats = lambda values: (torch.tensor(values, dtype=torch.float64).mean().item(),  # noqa: E731
-                            torch.tensor(values, dtype=torch.float64).std(correction=0).item())
+    def stats(values):  # -> (mean, population standard deviation: the spread of one draw)
+        values = torch.tensor(values, dtype=torch.float64)
+        return values.mean().item(), values.std(correction=0).item()
     two_sample = stats([row["two_sample_accuracy"] for row in draws])
     judged = {judge: {figure: stats([row["judges"][judge][figure] for row in draws])
                       for figure in first["judges"][judge]} for judge in first["judges"]}
@@ -223,8 +224,9 @@ def main():
         sources[REAL] = (train.images[draws[0]].unsqueeze(1), labels)
     test_images = test.images.unsqueeze(1)
     rows = judge_rows(judges, sources, reference, test_images)
-    rows[0] = floor_row(rows[0], judge_rows(judges, dict(enumerate(floors[1:])), reference,
-                                            test_images))
+    at = next(i for i, row in enumerate(rows) if row["source"] == FLOORS[args.floor_from])
+    rows[at] = floor_row(rows[at], judge_rows(judges, dict(enumerate(floors[1:])), reference,
+                                              test_images))
     report = {"reference": f"VQ-VAE reconstructions of training images {REFERENCE_START:,}.."
                            + (" (a random half)" if args.floor_from == "held-out" else ""),
               "prior_saw_the_reference": prior_saw_the_reference(args.prior_model),
