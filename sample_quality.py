@@ -200,11 +200,11 @@ def main():
                                                         args.temperatures)]
     judges = {os.path.splitext(os.path.basename(path))[0]: load_classifier(path, device)
               for path in args.classifiers}
-    n = min(args.num_samples, HOLD_OUT if args.floor_from == "training" else HOLD_OUT // 2)
     train = MNISTSplit(args.data_folder, True, device)
     test = MNISTSplit(args.data_folder, False, device, limit=args.test_subset)
-    held_out, draws = floor_indices(n, args.floor_draws, args.floor_from)
-    held_out, draws = held_out.to(device), [i.to(device) for i in draws]
+    held_out, draws = floor_indices(min(args.num_samples, HOLD_OUT), args.floor_draws,
+                                    args.floor_from)
+    held_out, draws, n = held_out.to(device), [i.to(device) for i in draws], len(held_out)
     labels = train.labels[draws[0]]    # the floor's digits, in the training maps' class mix
     with torch.no_grad():
         reference = reconstructions(vqvae, train.images[held_out])
@@ -222,11 +222,13 @@ def main():
             sources[name] = (
                 to_uint8(sample_prior(prior, vqvae, labels, temperature=t, **sampler)), labels)
         sources[REAL] = (train.images[draws[0]].unsqueeze(1), labels)
-    test_images = test.images.unsqueeze(1)
-    rows = judge_rows(judges, sources, reference, test_images)
+    # The floor's other draws judged in the same pass, so the reference's and the test images'
+    # features are computed once per judge; their rows go into the floor's and are dropped
+    other_draws = {("floor draw", i): floor for i, floor in enumerate(floors[1:], 1)}
+    rows = judge_rows(judges, {**sources, **other_draws}, reference, test.images.unsqueeze(1))
+    rows, other_rows = rows[:len(sources)], rows[len(sources):]
     at = next(i for i, row in enumerate(rows) if row["source"] == FLOORS[args.floor_from])
-    rows[at] = floor_row(rows[at], judge_rows(judges, dict(enumerate(floors[1:])), reference,
-                                              test_images))
+    rows[at] = floor_row(rows[at], other_rows)
     report = {"reference": f"VQ-VAE reconstructions of training images {REFERENCE_START:,}.."
                            + (" (a random half)" if args.floor_from == "held-out" else ""),
               "prior_saw_the_reference": prior_saw_the_reference(args.prior_model),
