@@ -49,6 +49,7 @@ FLOORS = {  # --floor-from -> the floor's name
     "training": "floor: VQ-VAE reconstructions of random training images 0..49,999 (a perfect prior)",
     "held-out": "floor: VQ-VAE reconstructions of the held-out images 50,000.. not in the reference"}
 REAL = "real: the training images of the floor's first draw (its originals)"
+FLOOR_DRAWS = 5
 FLOOR_SEED = 0  # the floor's draws do not depend on --seed: every sampling seed meets the same floor
 
 
@@ -64,8 +65,9 @@ def build_parser():
                    help="judges written by classifier.py (default: the committed CNN, MLP and "
                         "augmented-CNN judges)")
     p.add_argument("--num-samples", type=positive_int, default=10000)
-    p.add_argument("--floor-draws", type=positive_int, default=5, metavar="D",
-                   help="random draws of N training maps the floor is averaged over")
+    p.add_argument("--floor-draws", type=positive_int, default=None, metavar="D",
+                   help="random draws of N training maps the floor is averaged over (default "
+                        f"{FLOOR_DRAWS}; --floor-from training only)")
     p.add_argument("--floor-from", choices=FLOORS, default="training",
                    help="held-out: split the held-out images 50,000.. at random into the "
                         "reference and the floor (N at most 5,000, one draw), so that neither "
@@ -188,7 +190,12 @@ def prior_saw_the_reference(path):
 
 
 def main():
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.floor_draws is not None and args.floor_from == "held-out":
+        parser.error("--floor-draws: only with --floor-from training (the held-out images hold "
+                     "one floor beside the reference)")
+    args.floor_draws = args.floor_draws or FLOOR_DRAWS
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     vqvae, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))

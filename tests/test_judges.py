@@ -75,6 +75,16 @@ def test_sample_quality_checks_every_sampler_before_drawing(trained_prior, tmp_p
     assert not (tmp_path / "fresh").exists()
 
 
+def test_floor_draws_only_with_the_training_floor(tmp_path):
+    """The held-out images hold one floor beside the reference: --floor-draws with --floor-from
+    held-out is refused in one line, not silently ignored, before anything is read or made."""
+    result = run("sample_quality.py", "--model", "missing.pt", "--prior-model", "missing.pt",
+                 "--floor-from", "held-out", "--floor-draws", "3", "--data-folder", "fresh",
+                 cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--floor-draws", "--floor-from training")
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_committed_models_make_real_digits(tmp_path, data_folder):
     """The committed VQ-VAE, prior and judges fit together: under all three judges, prior samples
     (generate.py's default sampler) and a perfect prior's (reconstructions) are read as the digits
