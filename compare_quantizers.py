@@ -174,6 +174,9 @@ def prior_rows(variant, seed):
         floor = rows[report["floor"]]["judges"], rows[report["floor"]]["two_sample_accuracy"]
     except (OSError, ValueError, KeyError, TypeError):
         fail(f"{path}: not a report of sample_quality.py --json; delete it to judge again")
+    if "floor_draws" not in report:  # its floor one fixed slice, its multiples not comparable
+        fail(f"{path}: judged by sample_quality.py before its floor became random draws "
+             "(2026-12-02); delete it to judge again")
     table, judges = {}, list(floor[0])
     for source, row in rows.items():
         if not source.startswith("prior"):

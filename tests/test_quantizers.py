@@ -220,6 +220,13 @@ def test_compare_quantizers_trains_what_is_missing_and_reports(tmp_path, data_fo
     again = run(*compare, cwd=tmp_path)
     assert "pixelcnn_prior.py" not in again.stdout and "sample_quality.py" not in again.stdout
     assert again.stdout.count("| lfq ") == 2
+    # A report judged before the floor was random draws is refused, not mixed with new ones
+    report = tmp_path / "models" / "prior_lfq_s0" / "sample_quality.json"
+    fresh = json.loads(report.read_text())
+    report.write_text(json.dumps({k: v for k, v in fresh.items() if k != "floor_draws"}))
+    assert_clean_failure(run(*compare, "--report-only", cwd=tmp_path, check=False),
+                         "sample_quality.json", "before its floor")
+    report.write_text(json.dumps(fresh))
     # A prior found under the name but trained over another VQ-VAE is refused, not judged
     prior_path = tmp_path / "models" / "prior_lfq_s0" / "last.pt"
     prior = torch.load(prior_path, weights_only=True)
