@@ -2,7 +2,7 @@
 
     python sample_quality.py --model models/pretrained/vqvae_mnist.pt \\
         --prior-model models/pretrained/prior_mnist.pt [--guidance-scales 1 2] [--temperatures 1 0.7] \\
-        [--guidance-interval 0 21]
+        [--guidance-interval 0 21] [--seeds 0 1 2]
 
 A perfect prior over the training codes would draw, through the same decoder, what the VQ-VAE's
 reconstructions of training images look like. So the reference is the reconstructions of the
@@ -24,6 +24,16 @@ in the judge's 128-d features, the Frechet distance and the kernel distance (KID
 reference, improved precision and recall (Kynkaanniemi et al. 2019: recall falls when variety is
 lost), and the Frechet distance to the test images; per source, a two-sample test: the held-out
 accuracy of a fresh small CNN trained to tell the source from the reference (50% at best).
+
+Each sampler draws once per sampling seed (--seeds), from the global generator seeded just before
+it, so a seed's samples are the same whether judged alone or beside other seeds and samplers, and
+every sampler at one seed draws from the same random numbers (their differences are the
+samplers', not the draws'). Over the seeds each sampler's figures are averaged, with their spread,
+and the protocol that chose generate.py's default sampler is applied to those means: of the
+samplers whose class agreement is at least 98.5% under each choosing judge (the CNN and MLP
+judges), the one with the lowest Frechet distance as a multiple of the floor's, the larger of
+its multiples under those judges. The third judge, the held-out floor and the two-sample test
+take no part in the choice: they check it.
 """
 import argparse
 import itertools
@@ -50,7 +60,11 @@ FLOORS = {  # --floor-from -> the floor's name
     "held-out": "floor: VQ-VAE reconstructions of the held-out images 50,000.. not in the reference"}
 REAL = "real: the training images of the floor's first draw (its originals)"
 FLOOR_DRAWS = 5
-FLOOR_SEED = 0  # the floor's draws do not depend on --seed: every sampling seed meets the same floor
+FLOOR_SEED = 0  # the floor's draws are the same for every sampling seed (--seeds)
+# The protocol (RESULTS.md, "The prior under three judges"): the judges that choose the sampler,
+# and the class agreement a sampler must reach under each of them
+CHOOSING_JUDGES = ("classifier", "classifier_mlp")
+AGREEMENT_TARGET = 0.985
 
 
 def in_batches(fn, tensor, batch_size=1000):
@@ -90,7 +104,10 @@ def build_parser():
     p.add_argument("--test-subset", type=positive_int, default=None,
                    help="the test images compared with: the first N (default: all 10,000)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seeds", "--seed", type=nonnegative_int, nargs="+", default=[0], metavar="S",
+                   help="sampling seeds: each sampler draws N samples per seed; figures are also "
+                        "averaged over them, and the protocol chooses on the means (the baselines "
+                        "use the first)")
     p.add_argument("--json", action="store_true")
     add_vqvae_size_flags(p)
     return p
@@ -163,18 +180,17 @@ def judge_rows(judges, sources, reference, test_images):
             for name, (images, _) in sources.items()]
 
 
-def floor_row(first, others):
-    """The floor's first draw's row and the other draws' -> one row of their means, with their
-    standard deviations under "spread" (0 for a single draw) and each draw's figures under
-    "draws"."""
-    draws = [first] + others
-    def stats(values):  # -> (mean, population standard deviation: the spread of one draw)
+def mean_row(source, draws):
+    """Rows of one source's draws (the floor's random draws, or one sampler's seeds) -> one row of
+    their means, with their standard deviations under "spread" (0 for a single draw: the spread
+    of one draw, not of the mean) and each draw's figures under "draws"."""
+    def stats(values):  # -> (mean, population standard deviation)
         values = torch.tensor(values, dtype=torch.float64)
         return values.mean().item(), values.std(correction=0).item()
     two_sample = stats([row["two_sample_accuracy"] for row in draws])
     judged = {judge: {figure: stats([row["judges"][judge][figure] for row in draws])
-                      for figure in first["judges"][judge]} for judge in first["judges"]}
-    return {"source": first["source"], "images": first["images"],
+                      for figure in draws[0]["judges"][judge]} for judge in draws[0]["judges"]}
+    return {"source": source, "images": draws[0]["images"],
             "two_sample_accuracy": two_sample[0],
             "judges": {j: {f: mean for f, (mean, _) in fs.items()} for j, fs in judged.items()},
             "spread": {"two_sample_accuracy": two_sample[1],
@@ -182,6 +198,31 @@ def floor_row(first, others):
                                   for j, fs in judged.items()}},
             "draws": [{"two_sample_accuracy": row["two_sample_accuracy"],
                        "judges": row["judges"]} for row in draws]}
+
+
+def protocol_choice(samplers, floor):
+    """The sampler rows averaged over the seeds and the floor's row -> the protocol's choice
+    {"sampler", "multiple"}, or None when no sampler reaches AGREEMENT_TARGET under every choosing
+    judge (or they were not all judging). A sampler's multiple: the larger of its Frechet
+    distances as multiples of the floor's, under the choosing judges."""
+    if not set(CHOOSING_JUDGES) <= set(floor["judges"]):
+        return None
+    def multiple(row):
+        return max(row["judges"][j]["frechet_distance"] / floor["judges"][j]["frechet_distance"]
+                   for j in CHOOSING_JUDGES)
+    passing = [row for row in samplers
+               if all(row["judges"][j]["agreement"] >= AGREEMENT_TARGET for j in CHOOSING_JUDGES)]
+    if not passing:
+        return None
+    chosen = min(passing, key=multiple)
+    return {"sampler": chosen["source"], "multiple": multiple(chosen)}
+
+
+def sampler_name(sampler, temperature, interval, top_k, top_p):
+    return f"prior, guidance {sampler['guidance_scale']:g}, temperature {temperature:g}" + \
+        (f", positions {interval[0]}-{interval[1] - 1}" if interval else "") + \
+        (f", top-k {top_k}" if top_k else "") + (f", top-p {top_p:g}" if top_p < 1 else "") + \
+        (f", keep {sampler['keep']:g}" if sampler["keep"] < 1 else "")
 
 
 def prior_saw_the_reference(path):
@@ -197,7 +238,6 @@ def main():
                      "one floor beside the reference)")
     args.floor_draws = args.floor_draws or FLOOR_DRAWS
     device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
     vqvae, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, vqvae.codeBook.K)
     # Every sampler checked before any data is read or drawn: a bad one stops the call at once
@@ -205,6 +245,9 @@ def main():
                                  args.guidance_interval, keep, ("--guidance-scales", "--keeps")), t)
                 for scale, keep, t in itertools.product(args.guidance_scales, args.keeps,
                                                         args.temperatures)]
+    samplers = {sampler_name(sampler, t, args.guidance_interval, args.top_k, args.top_p):
+                (sampler, t) for sampler, t in samplers}
+    seeds = list(dict.fromkeys(args.seeds))
     judges = {os.path.splitext(os.path.basename(path))[0]: load_classifier(path, device)
               for path in args.classifiers}
     train = MNISTSplit(args.data_folder, True, device)
@@ -213,20 +256,18 @@ def main():
                                     args.floor_from)
     held_out, draws, n = held_out.to(device), [i.to(device) for i in draws], len(held_out)
     labels = train.labels[draws[0]]    # the floor's digits, in the training maps' class mix
+    seeded = {(name, seed): name + (f", seed {seed}" if len(seeds) > 1 else "")
+              for seed in seeds for name in samplers}
     with torch.no_grad():
         reference = reconstructions(vqvae, train.images[held_out])
         floors = [(reconstructions(vqvae, train.images[i]), train.labels[i]) for i in draws]
         sources = {FLOORS[args.floor_from]: floors[0]}
         if args.baselines:
-            sources.update(baseline_sources(vqvae, train, n, device, args.seed))
-        for sampler, t in samplers:
-            name = f"prior, guidance {sampler['guidance_scale']:g}, temperature {t:g}" + \
-                (f", positions {args.guidance_interval[0]}-{args.guidance_interval[1] - 1}"
-                 if args.guidance_interval else "") + \
-                (f", top-k {args.top_k}" if args.top_k else "") + \
-                (f", top-p {args.top_p:g}" if args.top_p < 1 else "") + \
-                (f", keep {sampler['keep']:g}" if sampler["keep"] < 1 else "")
-            sources[name] = (
+            sources.update(baseline_sources(vqvae, train, n, device, seeds[0]))
+        for (name, seed), source in seeded.items():
+            sampler, t = samplers[name]
+            torch.manual_seed(seed)
+            sources[source] = (
                 to_uint8(sample_prior(prior, vqvae, labels, temperature=t, **sampler)), labels)
         sources[REAL] = (train.images[draws[0]].unsqueeze(1), labels)
     # The floor's other draws judged in the same pass, so the reference's and the test images'
@@ -235,11 +276,16 @@ def main():
     rows = judge_rows(judges, {**sources, **other_draws}, reference, test.images.unsqueeze(1))
     rows, other_rows = rows[:len(sources)], rows[len(sources):]
     at = next(i for i, row in enumerate(rows) if row["source"] == FLOORS[args.floor_from])
-    rows[at] = floor_row(rows[at], other_rows)
+    rows[at] = mean_row(FLOORS[args.floor_from], [rows[at]] + other_rows)
+    by_source = {row["source"]: row for row in rows}
+    over_seeds = [mean_row(name, [by_source[seeded[name, seed]] for seed in seeds])
+                  for name in samplers]
     report = {"reference": f"VQ-VAE reconstructions of training images {REFERENCE_START:,}.."
                            + (" (a random half)" if args.floor_from == "held-out" else ""),
               "prior_saw_the_reference": prior_saw_the_reference(args.prior_model),
-              "floor": FLOORS[args.floor_from], "floor_draws": len(draws), "rows": rows}
+              "floor": FLOORS[args.floor_from], "floor_draws": len(draws), "rows": rows,
+              "seeds": seeds, "samplers": over_seeds,
+              "protocol": protocol_choice(over_seeds, rows[at])}
     if args.json:
         print(json.dumps(report))
         return
@@ -248,7 +294,8 @@ def main():
 
 def print_tables(report, judges):
     """One markdown table per judge, each figure beside the floor's (the Frechet distance also as
-    a multiple of it), and the two-sample test."""
+    a multiple of it), and the two-sample test; over several seeds, one table of each sampler's
+    means; the protocol's choice."""
     floor = next(row for row in report["rows"] if row["source"] == report["floor"])
     print(f"reference: {report['reference']}" + (" (the prior trained on them)"
                                                   if report["prior_saw_the_reference"] else ""))
@@ -272,6 +319,34 @@ def print_tables(report, judges):
                   f"({low['recall']:.3f}) | {mine['frechet_to_test']:.2f} | "
                   f"{100 * row['two_sample_accuracy']:.1f}% "
                   f"({100 * floor['two_sample_accuracy']:.1f}%) |")
+    seeds = ", ".join(map(str, report["seeds"]))
+    if len(report["seeds"]) > 1:
+        print_over_seeds(report, judges, floor, seeds)
+    rule = (f"agreement >= {100 * AGREEMENT_TARGET:g}% under each of {', '.join(CHOOSING_JUDGES)}, "
+            f"then the lowest Frechet multiple, the larger of theirs; seeds {seeds}")
+    choice = report["protocol"]
+    print(f"\nprotocol ({rule}): " + (
+        f"{choice['sampler']} ({choice['multiple']:.2f}x)" if choice else
+        "no sampler chosen (none reaches the agreement, or those judges did not all judge)"))
+
+
+def print_over_seeds(report, judges, floor, seeds):
+    """Each sampler's mean over the seeds +- one seed's spread: agreement and the Frechet multiple
+    under every judge, recall under the first, the two-sample test."""
+    print(f"\nover sampling seeds {seeds}, mean +- the spread of one seed; judges "
+          f"{' / '.join(judges)}\n| sampler | agreement | Frechet (x the floor) | recall "
+          f"({judges[0]}; floor {floor['judges'][judges[0]]['recall']:.3f}) | two-sample (floor "
+          f"{100 * floor['two_sample_accuracy']:.1f}%) |\n| --- | --- | --- | --- | --- |")
+    for row in report["samplers"]:
+        mine, spread = row["judges"], row["spread"]["judges"]
+        agreement = " / ".join(f"{100 * mine[j]['agreement']:.2f} +- "
+                               f"{100 * spread[j]['agreement']:.2f}" for j in judges)
+        multiples = " / ".join(
+            f"{mine[j]['frechet_distance'] / floor['judges'][j]['frechet_distance']:.2f}"
+            for j in judges)
+        print(f"| {row['source']} | {agreement}% | {multiples} | "
+              f"{mine[judges[0]]['recall']:.3f} | {100 * row['two_sample_accuracy']:.1f} +- "
+              f"{100 * row['spread']['two_sample_accuracy']:.1f}% |")
 
 
 if __name__ == "__main__":

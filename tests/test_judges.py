@@ -14,24 +14,50 @@ JUDGE_NAMES = ("classifier", "classifier_mlp", "classifier_aug")
 FIGURES = {"agreement", "frechet_distance", "kid", "precision", "recall", "frechet_to_test"}
 
 
-def test_sample_quality_reports_every_source(trained_prior, data_folder):
-    """Every source (each guidance scale x keep) under the three committed judges with every
-    figure, the two-sample test, the floor (reconstructions of random training images: the mean
-    of its draws, with their spread); agreement is each judge's accuracy on what it is shown (for
-    real images checked here by hand); the tiny prior held the reference out."""
+def test_sample_quality_reports_every_source_over_seeds(trained_prior, data_folder):
+    """Every source (each guidance scale x keep x sampling seed) under the three committed judges
+    with every figure, the two-sample test, the floor (reconstructions of random training images:
+    the mean of its draws, with their spread); agreement is each judge's accuracy on what it is
+    shown (for real images checked here by hand); the tiny prior held the reference out. Each
+    sampler's figures are averaged over the seeds, and a seed draws the same samples judged alone
+    as beside another seed and other samplers."""
     from checkpoints import load_classifier
     from data import normalize
     cwd, _ = trained_prior
     result = run("sample_quality.py", "--model", "models/tiny/best.pt", "--prior-model",
                  "models/prior/best.pt", "--num-samples", "200", "--guidance-scales", "1", "3",
                  "--keeps", "1", "0.5", "--data-folder", data_folder, "--test-subset", "1000",
-                 "--floor-draws", "2", "--json", cwd=cwd)
+                 "--floor-draws", "2", "--seeds", "0", "1", "--json", cwd=cwd)
     report = json.loads(result.stdout)
     assert report["prior_saw_the_reference"] is False  # trained with --hold-out
     rows = {row["source"]: row for row in report["rows"]}
-    assert len(rows) == 9 and all(row["images"] == 200 for row in rows.values())
-    assert {"prior, guidance 1, temperature 1", "prior, guidance 3, temperature 1",
-            "prior, guidance 1, temperature 1, keep 0.5", report["floor"]} <= rows.keys()
+    assert len(rows) == 13 and all(row["images"] == 200 for row in rows.values())
+    assert {"prior, guidance 1, temperature 1, seed 0", "prior, guidance 3, temperature 1, seed 1",
+            "prior, guidance 1, temperature 1, keep 0.5, seed 1", report["floor"]} <= rows.keys()
+    assert report["seeds"] == [0, 1] and len(report["samplers"]) == 4
+    for sampler in report["samplers"]:
+        seeds = [rows[f"{sampler['source']}, seed {seed}"] for seed in (0, 1)]
+        assert sampler["two_sample_accuracy"] == pytest.approx(
+            sum(row["two_sample_accuracy"] for row in seeds) / 2)
+        for name in JUDGE_NAMES:
+            for figure in ("agreement", "frechet_distance"):
+                values = [row["judges"][name][figure] for row in seeds]
+                assert sampler["judges"][name][figure] == pytest.approx(sum(values) / 2)
+                assert sampler["spread"]["judges"][name][figure] == \
+                    pytest.approx(abs(values[0] - values[1]) / 2)
+    alone = json.loads(run("sample_quality.py", "--model", "models/tiny/best.pt", "--prior-model",
+                           "models/prior/best.pt", "--num-samples", "200", "--guidance-scales",
+                           "3", "--keeps", "0.5", "--data-folder", data_folder, "--test-subset",
+                           "1000", "--floor-draws", "2", "--seed", "1", "--no-baselines",
+                           "--json", cwd=cwd).stdout)
+    judged_alone = next(row for row in alone["rows"] if row["source"].startswith("prior"))
+    assert judged_alone["source"] == "prior, guidance 3, temperature 1, keep 0.5"
+    beside = rows["prior, guidance 3, temperature 1, keep 0.5, seed 1"]
+    assert judged_alone["two_sample_accuracy"] == beside["two_sample_accuracy"]
+    for name in JUDGE_NAMES:
+        for figure in ("agreement", "frechet_distance", "precision", "recall"):
+            assert judged_alone["judges"][name][figure] == \
+                pytest.approx(beside["judges"][name][figure], rel=1e-6), (name, figure)
     for row in rows.values():
         assert 0 <= row["two_sample_accuracy"] <= 1 and set(row["judges"]) == set(JUDGE_NAMES)
         assert all(FIGURES == set(figures) for figures in row["judges"].values())
@@ -56,6 +82,30 @@ def test_sample_quality_reports_every_source(trained_prior, data_folder):
             pytest.approx(correct.float().mean().item()), name
         assert judged[report["floor"]]["frechet_distance"] < \
             judged["codes drawn uniformly"]["frechet_distance"], name
+
+
+def test_protocol_chooses_the_nearest_sampler_that_reaches_the_agreement():
+    """The protocol (generate.py's default sampler was chosen by it): of the samplers at >= 98.5%
+    agreement under both choosing judges, the lowest Frechet multiple of the floor, the larger of
+    the two judges'; the third judge takes no part; no sampler passing: no choice."""
+    sample_quality = load_script("sample_quality.py")
+
+    def row(source, cnn, mlp, aug=(1.0, 9.0)):
+        figures = [cnn, mlp, aug]
+        return {"source": source, "judges": {
+            name: {"agreement": a, "frechet_distance": f}
+            for name, (a, f) in zip(JUDGE_NAMES, figures)}}
+
+    floor = row("floor", (0.995, 0.5), (0.998, 0.2))
+    samplers = [row("too few agree under the MLP judge", (0.99, 0.5), (0.984, 0.2)),
+                row("1.3x under the CNN judge", (0.99, 0.65), (0.99, 0.19)),
+                row("1.2x under the MLP judge", (0.985, 0.5), (0.985, 0.24), aug=(0.5, 90.0)),
+                row("1.25x under both", (0.99, 0.625), (0.99, 0.25))]
+    choice = sample_quality.protocol_choice(samplers, floor)
+    assert choice == {"sampler": "1.2x under the MLP judge", "multiple": pytest.approx(1.2)}
+    assert sample_quality.protocol_choice(samplers[:1], floor) is None
+    without_mlp = {**floor, "judges": {"classifier": floor["judges"]["classifier"]}}
+    assert sample_quality.protocol_choice(samplers, without_mlp) is None
 
 
 def test_sample_quality_checks_every_sampler_before_drawing(trained_prior, tmp_path):
