@@ -182,8 +182,8 @@ def judge_rows(judges, sources, reference, test_images):
 
 def mean_row(source, draws):
     """Rows of one source's draws (the floor's random draws, or one sampler's seeds) -> one row of
-    their means, with their standard deviations under "spread" (0 for a single draw: the spread
-    of one draw, not of the mean) and each draw's figures under "draws"."""
+    their means, with their standard deviations under "spread" (how far one draw strays, not the
+    mean's error; 0 for a single draw) and each draw's figures under "draws"."""
     def stats(values):  # -> (mean, population standard deviation)
         values = torch.tensor(values, dtype=torch.float64)
         return values.mean().item(), values.std(correction=0).item()

@@ -17,7 +17,8 @@ from cli import fail, nonnegative_float, nonnegative_int, positive_int, unit_flo
 # 1.0 whose class agreement reaches 98.5% under the CNN and MLP judges (mean over sampling seeds
 # 0-2), the one nearest its floor under both (Frechet distance as a multiple of the floor's);
 # chosen again from the int8 file, against guidance 1.1 and keep 0.7 ("third pass"), for the
-# committed prior ("fifth pass"), and under the random-draw and held-out floors ("seventh pass").
+# committed prior ("fifth pass"), under the random-draw and held-out floors ("seventh pass"), and
+# by `sample_quality.py --seeds 0 1 2`, which applies the protocol itself ("ninth pass").
 DEFAULT_GUIDANCE_SCALE = 1.2
 DEFAULT_KEEP = 0.8
 
