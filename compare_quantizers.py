@@ -177,11 +177,13 @@ def prior_rows(variant, seed):
     if "floor_draws" not in report:  # its floor one fixed slice, its multiples not comparable
         fail(f"{path}: judged by sample_quality.py before its floor became random draws "
              "(2026-12-02); delete it to judge again")
+    # each sampler's means over the seeds judged (--judge-flags "--seeds ..."); a report from
+    # before those means holds one seed's rows, named as the means are
+    samplers = report.get("samplers") or [row for row in report["rows"]
+                                          if row["source"].startswith("prior")]
     table, judges = {}, list(floor[0])
-    for source, row in rows.items():
-        if not source.startswith("prior"):
-            continue
-        mine = row["judges"]
+    for row in samplers:
+        source, mine = row["source"], row["judges"]
         cells = [f"{nll:.1f}"] + [
             f"{100 * mine[j]['agreement']:.1f}%, "
             f"{mine[j]['frechet_distance'] / floor[0][j]['frechet_distance']:.2f}x" for j in judges]

@@ -111,7 +111,7 @@ def last_line(out):
 
 
 def prior_quality(out):
-    prior = next(row for row in json.loads(out) if row["source"].startswith("prior, guidance"))
+    prior = json.loads(out)["samplers"][0]   # generate.py's default sampler, the only one asked
     return f"{prior['source']}: " + "; ".join(
         f"{judge} agreement {100 * figures['agreement']:.1f}%, Frechet "
         f"{figures['frechet_distance']:.2f}" for judge, figures in prior["judges"].items())

@@ -26,14 +26,13 @@ lost), and the Frechet distance to the test images; per source, a two-sample tes
 accuracy of a fresh small CNN trained to tell the source from the reference (50% at best).
 
 Each sampler draws once per sampling seed (--seeds), from the global generator seeded just before
-it, so a seed's samples are the same whether judged alone or beside other seeds and samplers, and
-every sampler at one seed draws from the same random numbers (their differences are the
-samplers', not the draws'). Over the seeds each sampler's figures are averaged, with their spread,
-and the protocol that chose generate.py's default sampler is applied to those means: of the
-samplers whose class agreement is at least 98.5% under each choosing judge (the CNN and MLP
-judges), the one with the lowest Frechet distance as a multiple of the floor's, the larger of
-its multiples under those judges. The third judge, the held-out floor and the two-sample test
-take no part in the choice: they check it.
+it, so a seed's samples are the same whether judged alone or beside other seeds and samplers.
+Over the seeds each sampler's figures are averaged, with their spread, and the protocol that
+chose generate.py's default sampler is applied to those means: of the samplers whose class
+agreement is at least 98.5% under each choosing judge (the CNN and MLP judges), the one with the
+lowest Frechet distance as a multiple of the training floor's, the larger of its multiples under
+those judges. The third judge, the held-out floor and the two-sample test take no part in the
+choice: they check it.
 """
 import argparse
 import itertools
@@ -137,7 +136,7 @@ def baseline_sources(vqvae, train, n, device, seed):
 
 def floor_indices(n, draws, floor_from="training"):
     """-> (the reference's indices into the training images (n,), the floor's draws: `draws`
-    index tensors (n,)), the same whatever --seed (a generator of their own). From "training":
+    index tensors (n,)), the same whatever --seeds (a generator of their own). From "training":
     the reference is images 50,000.., each draw a random one of images 0..49,999 without
     replacement; from "held-out": the images 50,000.. in random order, the reference the first n,
     the one draw the next n (n at most 5,000: half of them)."""
@@ -203,9 +202,10 @@ def mean_row(source, draws):
 def protocol_choice(samplers, floor):
     """The sampler rows averaged over the seeds and the floor's row -> the protocol's choice
     {"sampler", "multiple"}, or None when no sampler reaches AGREEMENT_TARGET under every choosing
-    judge (or they were not all judging). A sampler's multiple: the larger of its Frechet
+    judge, they were not all judging, or the floor is not the training floor (the held-out floor
+    checks the choice, it takes no part in it). A sampler's multiple: the larger of its Frechet
     distances as multiples of the floor's, under the choosing judges."""
-    if not set(CHOOSING_JUDGES) <= set(floor["judges"]):
+    if floor["source"] != FLOORS["training"] or not set(CHOOSING_JUDGES) <= set(floor["judges"]):
         return None
     def multiple(row):
         return max(row["judges"][j]["frechet_distance"] / floor["judges"][j]["frechet_distance"]
@@ -241,12 +241,12 @@ def main():
     vqvae, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, vqvae.codeBook.K)
     # Every sampler checked before any data is read or drawn: a bad one stops the call at once
-    samplers = [(sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p,
-                                 args.guidance_interval, keep, ("--guidance-scales", "--keeps")), t)
-                for scale, keep, t in itertools.product(args.guidance_scales, args.keeps,
-                                                        args.temperatures)]
-    samplers = {sampler_name(sampler, t, args.guidance_interval, args.top_k, args.top_p):
-                (sampler, t) for sampler, t in samplers}
+    samplers = {}   # name -> (sample_codes' options, temperature)
+    for scale, keep, t in itertools.product(args.guidance_scales, args.keeps, args.temperatures):
+        sampler = sampler_options(prior, args.prior_model, scale, args.top_k, args.top_p,
+                                  args.guidance_interval, keep, ("--guidance-scales", "--keeps"))
+        samplers[sampler_name(sampler, t, args.guidance_interval, args.top_k, args.top_p)] = \
+            (sampler, t)
     seeds = list(dict.fromkeys(args.seeds))
     judges = {os.path.splitext(os.path.basename(path))[0]: load_classifier(path, device)
               for path in args.classifiers}
@@ -327,13 +327,15 @@ def print_tables(report, judges):
     choice = report["protocol"]
     print(f"\nprotocol ({rule}): " + (
         f"{choice['sampler']} ({choice['multiple']:.2f}x)" if choice else
-        "no sampler chosen (none reaches the agreement, or those judges did not all judge)"))
+        "no sampler chosen (none reaches the agreement, those judges did not all judge, or the "
+        "floor is the held-out one, which takes no part in the choice)"))
 
 
 def print_over_seeds(report, judges, floor, seeds):
-    """Each sampler's mean over the seeds +- one seed's spread: agreement and the Frechet multiple
-    under every judge, recall under the first, the two-sample test."""
-    print(f"\nover sampling seeds {seeds}, mean +- the spread of one seed; judges "
+    """Each sampler's means over the seeds (agreement and the two-sample test +- one seed's spread):
+    agreement and the Frechet multiple under every judge, recall under the first, the two-sample
+    test."""
+    print(f"\nmeans over sampling seeds {seeds} (+- the spread of one seed); judges "
           f"{' / '.join(judges)}\n| sampler | agreement | Frechet (x the floor) | recall "
           f"({judges[0]}; floor {floor['judges'][judges[0]]['recall']:.3f}) | two-sample (floor "
           f"{100 * floor['two_sample_accuracy']:.1f}%) |\n| --- | --- | --- | --- | --- |")

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY, run
+from conftest import REPO, TINY, load_script, run
 from modules import VQVAEConfig, vqvae_from_config
 
 
@@ -112,6 +112,7 @@ def test_benchmark_reports_both_pipelines(tmp_path, data_folder):
         assert row["ms_per_step"] > 0 and row["images_per_s"] > 0 and row["s_per_epoch"] > 0
     assert report["speedup"] > 0
     assert report["prior_samples"]["n"] == 20 and report["prior_samples"]["s"] > 0
+    assert "prior samples" in load_script("gpu_check.py").benchmark_figures(result.stdout)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs every script for minutes on a GPU")

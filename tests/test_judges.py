@@ -14,16 +14,20 @@ JUDGE_NAMES = ("classifier", "classifier_mlp", "classifier_aug")
 FIGURES = {"agreement", "frechet_distance", "kid", "precision", "recall", "frechet_to_test"}
 
 
-def test_sample_quality_reports_every_source_over_seeds(trained_prior, data_folder):
+def test_sample_quality_reports_every_source_over_seeds(trained_prior, data_folder,
+                                                        monkeypatch):
     """Every source (each guidance scale x keep x sampling seed) under the three committed judges
     with every figure, the two-sample test, the floor (reconstructions of random training images:
     the mean of its draws, with their spread); agreement is each judge's accuracy on what it is
     shown (for real images checked here by hand); the tiny prior held the reference out. Each
     sampler's figures are averaged over the seeds, and a seed draws the same samples judged alone
-    as beside another seed and other samplers."""
+    as beside another seed and other samplers. The protocol chooses on the means (here every
+    sampler reaches the agreement asked: the tiny prior's are far below 98.5%)."""
     from checkpoints import load_classifier
     from data import normalize
     cwd, _ = trained_prior
+    sample_quality = load_script("sample_quality.py")
+    monkeypatch.setattr(sample_quality, "AGREEMENT_TARGET", 0.0)
     result = run("sample_quality.py", "--model", "models/tiny/best.pt", "--prior-model",
                  "models/prior/best.pt", "--num-samples", "200", "--guidance-scales", "1", "3",
                  "--keeps", "1", "0.5", "--data-folder", data_folder, "--test-subset", "1000",
@@ -35,6 +39,9 @@ def test_sample_quality_reports_every_source_over_seeds(trained_prior, data_fold
     assert {"prior, guidance 1, temperature 1, seed 0", "prior, guidance 3, temperature 1, seed 1",
             "prior, guidance 1, temperature 1, keep 0.5, seed 1", report["floor"]} <= rows.keys()
     assert report["seeds"] == [0, 1] and len(report["samplers"]) == 4
+    assert report["protocol"]["sampler"] in {sampler["source"] for sampler in report["samplers"]}
+    assert report["protocol"] == sample_quality.protocol_choice(report["samplers"],
+                                                                rows[report["floor"]])
     for sampler in report["samplers"]:
         seeds = [rows[f"{sampler['source']}, seed {seed}"] for seed in (0, 1)]
         assert sampler["two_sample_accuracy"] == pytest.approx(
@@ -69,7 +76,7 @@ def test_sample_quality_reports_every_source_over_seeds(trained_prior, data_fold
         assert floor["judges"][name]["frechet_distance"] == pytest.approx(sum(draws) / 2)
         assert floor["spread"]["judges"][name]["frechet_distance"] == \
             pytest.approx(abs(draws[0] - draws[1]) / 2)
-    first_draw = load_script("sample_quality.py").floor_indices(200, 1)[1][0]
+    first_draw = sample_quality.floor_indices(200, 1)[1][0]
     train = MNISTSplit(data_folder, True, "cpu")
     images, labels = train.images[first_draw], train.labels[first_draw]
     for name in JUDGE_NAMES:
@@ -86,8 +93,9 @@ def test_sample_quality_reports_every_source_over_seeds(trained_prior, data_fold
 
 def test_protocol_chooses_the_nearest_sampler_that_reaches_the_agreement():
     """The protocol (generate.py's default sampler was chosen by it): of the samplers at >= 98.5%
-    agreement under both choosing judges, the lowest Frechet multiple of the floor, the larger of
-    the two judges'; the third judge takes no part; no sampler passing: no choice."""
+    agreement under both choosing judges, the lowest Frechet multiple of the training floor, the
+    larger of the two judges'; the third judge takes no part; no sampler passing, a choosing judge
+    missing or the held-out floor: no choice."""
     sample_quality = load_script("sample_quality.py")
 
     def row(source, cnn, mlp, aug=(1.0, 9.0)):
@@ -96,7 +104,7 @@ def test_protocol_chooses_the_nearest_sampler_that_reaches_the_agreement():
             name: {"agreement": a, "frechet_distance": f}
             for name, (a, f) in zip(JUDGE_NAMES, figures)}}
 
-    floor = row("floor", (0.995, 0.5), (0.998, 0.2))
+    floor = row(sample_quality.FLOORS["training"], (0.995, 0.5), (0.998, 0.2))
     samplers = [row("too few agree under the MLP judge", (0.99, 0.5), (0.984, 0.2)),
                 row("1.3x under the CNN judge", (0.99, 0.65), (0.99, 0.19)),
                 row("1.2x under the MLP judge", (0.985, 0.5), (0.985, 0.24), aug=(0.5, 90.0)),
@@ -106,6 +114,8 @@ def test_protocol_chooses_the_nearest_sampler_that_reaches_the_agreement():
     assert sample_quality.protocol_choice(samplers[:1], floor) is None
     without_mlp = {**floor, "judges": {"classifier": floor["judges"]["classifier"]}}
     assert sample_quality.protocol_choice(samplers, without_mlp) is None
+    held_out = {**floor, "source": sample_quality.FLOORS["held-out"]}
+    assert sample_quality.protocol_choice(samplers, held_out) is None
 
 
 def test_sample_quality_checks_every_sampler_before_drawing(trained_prior, tmp_path):
@@ -141,7 +151,8 @@ def test_committed_models_make_real_digits(tmp_path, data_folder):
     asked for (README: 98.7-99.2% at 10,000 samples; here at least 97% of 200, about two binomial
     standard deviations below the lowest), lie far closer to the reference than uniformly drawn codes, and a fresh classifier
     tells uniform codes from the reference at once; the committed prior never saw the reference
-    (it trained with --hold-out 10000)."""
+    (it trained with --hold-out 10000); gpu_check.py reads this report as it runs the same call
+    on a GPU."""
     pretrained = os.path.join(REPO, "models", "pretrained")
     result = run("sample_quality.py", "--model", os.path.join(pretrained, "vqvae_mnist.pt"),
                  "--prior-model", os.path.join(pretrained, "prior_mnist.pt"), "--num-samples",
@@ -149,6 +160,8 @@ def test_committed_models_make_real_digits(tmp_path, data_folder):
                  cwd=tmp_path)
     report = json.loads(result.stdout)
     assert report["prior_saw_the_reference"] is False
+    assert load_script("gpu_check.py").prior_quality(result.stdout).startswith(
+        "prior, guidance 1.2, temperature 1, keep 0.8: classifier agreement")
     rows = {row["source"]: row for row in report["rows"]}
     sampled = [source for source in rows if source.startswith("prior, guidance")]
     assert len(sampled) == 1, rows.keys()
@@ -168,8 +181,7 @@ def test_committed_models_make_real_digits(tmp_path, data_folder):
 def test_baselines_draw_from_a_generator_of_their_own():
     """sample_quality.py's baselines (noise, uniform and histogram codes) are the same images for a
     seed whatever the global generator went through before (building a larger prior draws more
-    initial weights), other images for another seed, and leave the global generator untouched for
-    the prior's samples that follow."""
+    initial weights), other images for another seed, and leave the global generator untouched."""
     from types import SimpleNamespace
     from modules import VectorQuantizedVAE
     sample_quality = load_script("sample_quality.py")
