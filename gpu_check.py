@@ -29,6 +29,7 @@ from vector_quantizer import QUANTIZERS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 PRETRAINED = os.path.join(REPO, "models", "pretrained")
+RESULT = {True: "ok", False: "FAILED", None: "not run"}
 SHORT = ["--num-epochs", "1", "--max-steps", "300", "--test-subset", "2000", "--seed", "0",
          "--num-workers", "0"]
 
@@ -196,7 +197,8 @@ def main():
             detail = read(out) if ok else (err.strip().splitlines() or ["no output"])[-1]
         except (ValueError, KeyError, IndexError, StopIteration) as e:
             ok, detail = False, f"unexpected output ({type(e).__name__}: {e}): {out.strip()[-200:]}"
-        rows.append({"check": name, "ok": ok, "seconds": round(seconds, 1), "detail": detail})
+        rows.append(progress({"check": name, "ok": ok, "seconds": round(seconds, 1),
+                              "detail": detail}))
     if cuda:
         amp_dtype, scaler = make_precision(device, True)
         checks = [("training step free of host syncs, --amp", (amp_dtype, scaler), "vq"),
@@ -211,9 +213,16 @@ def main():
             except RuntimeError as e:
                 torch.cuda.set_sync_debug_mode("default")
                 ok, detail = False, str(e).splitlines()[0]
-            rows.append({"check": name, "ok": ok, "seconds": round(time.perf_counter() - started, 1),
-                         "detail": detail})
+            rows.append(progress({"check": name, "ok": ok, "detail": detail,
+                                  "seconds": round(time.perf_counter() - started, 1)}))
     report_and_exit(rows, device, work, args.keep)
+
+
+def progress(row):
+    """Print one check's row as soon as it is done (a run cut short still shows its rows) -> row."""
+    print(f"{RESULT[row['ok']]:7} {row['seconds']:6.1f} s  {row['check']}: {row['detail']}",
+          flush=True)
+    return row
 
 
 def report_and_exit(rows, device, work, keep):
@@ -222,8 +231,7 @@ def report_and_exit(rows, device, work, keep):
     print(f"\n{gpu or 'CPU'}  compute capability {capability}  torch {torch.__version__}")
     print("| check | result | seconds | figures or error |\n| --- | --- | --- | --- |")
     for row in rows:
-        result = {True: "ok", False: "FAILED", None: "not run"}[row["ok"]]
-        print(f"| {row['check']} | {result} | {row['seconds']} | {row['detail']} |")
+        print(f"| {row['check']} | {RESULT[row['ok']]} | {row['seconds']} | {row['detail']} |")
     failed = sum(row["ok"] is False for row in rows)
     passed = sum(row["ok"] is True for row in rows)
     print(json.dumps({"gpu_check": {"device": str(device), "gpu": gpu, "capability": capability,
