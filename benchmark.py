@@ -26,7 +26,8 @@ from cli import ArgumentParser, nonnegative_int, positive_int, resolve_device
 from data import MNISTSplit
 from modules import VQVAEConfig, vqvae_from_config
 from sampling import sample_prior, sampler_options
-from training import loss_weights, make_optimizer, make_precision, maybe_compile, train_step
+from training import (COMPILE_MODES, loss_weights, make_optimizer, make_precision, maybe_compile,
+                      train_step)
 from vector_quantizer import QUANTIZERS
 
 
@@ -43,7 +44,7 @@ def time_pipeline(args, device, pipeline, amp, compile_model, quantizer="vq"):
     optimizer = make_optimizer(model, 2e-4, device)
     amp_dtype, scaler = make_precision(device, amp)
     if compile_model:
-        model = maybe_compile(model, device)
+        model = maybe_compile(model, device, args.compile_mode)
     batches = split.batches(args.batch_size, torch.randperm(len(split)))
     for _ in range(args.warmup):
         train_step(model, optimizer, scaler, next(batches)[0], loss_weights(1.0), amp_dtype)
@@ -59,7 +60,8 @@ def time_full_run(args):
     """Wall time of `VQ-VAE.py` at its defaults (10 epochs, per-epoch evaluation) on the fast path."""
     flags = ["--device", args.device, "--data-folder", os.path.abspath(args.data_folder),
              "--seed", "0", "--output-folder", "benchmark"]
-    flags += ["--amp"] * args.amp + ["--compile"] * args.compile
+    flags += ["--amp"] * args.amp
+    flags += ["--compile", "--compile-mode", args.compile_mode] * args.compile
     with tempfile.TemporaryDirectory() as cwd:
         started = time.perf_counter()
         subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "VQ-VAE.py"),
@@ -94,6 +96,8 @@ def main():
     p.add_argument("--data-folder", default="data")
     p.add_argument("--amp", action="store_true", help="VQ-VAE.py's --amp on the fast path")
     p.add_argument("--compile", action="store_true", help="torch.compile on the fast path")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode with --compile (VQ-VAE.py's)")
     p.add_argument("--full-run", action="store_true", help="also time a whole 10-epoch run")
     p.add_argument("--prior-samples", type=nonnegative_int, default=0, metavar="N",
                    help="also time drawing N digits from the committed prior")
@@ -103,9 +107,10 @@ def main():
     args = p.parse_args()
     device = resolve_device(args.device)
     steps_per_epoch = -(-60000 // args.batch_size)
+    compiled = f", compile {args.compile_mode}" * args.compile
     rows = {"original-style (torchvision, fp32, eager)": time_pipeline(args, device, "torchvision",
                                                                    False, False),
-            f"fast path (device{', amp' * args.amp}{', compile' * args.compile})":
+            f"fast path (device{', amp' * args.amp}{compiled})":
                 time_pipeline(args, device, "device", args.amp, args.compile)}
     for quantizer in args.quantizers:
         rows[f"fast path, --quantizer {quantizer}"] = time_pipeline(

@@ -48,6 +48,7 @@ def make_optimizer(model, lr, device):
 
 
 LR_SCHEDULES = ("constant", "cosine")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def make_scheduler(optimizer, schedule, total_steps):
@@ -57,13 +58,15 @@ def make_scheduler(optimizer, schedule, total_steps):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1))
 
 
-def maybe_compile(model, device):
-    """torch.compile(model), or the eager model with a warning where compiling cannot work here (no
-    C++ compiler for CPU kernels, no Triton for GPU ones): a tiny function is compiled first, since
-    torch.compile itself only fails at the first call."""
+def maybe_compile(model, device, mode="default"):
+    """torch.compile(model, mode=mode), or the eager model with a warning where compiling cannot
+    work here (no C++ compiler for CPU kernels, no Triton for GPU ones): a tiny function is compiled
+    first, since torch.compile itself only fails at the first call. Mode "reduce-overhead" also
+    replays each step as CUDA graphs on a GPU (on a CPU it compiles as "default"): the step at
+    batch 128 is launch-bound on a large GPU (README, GPUs)."""
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
-        return torch.compile(model)
+        return torch.compile(model, mode=mode)
     except Exception as e:
         print(f"warning: --compile unavailable here ({type(e).__name__}: "
               f"{str(e).splitlines()[0] if str(e) else ''}); training eagerly", file=sys.stderr)
@@ -114,6 +117,9 @@ def train_step(model, optimizer, scaler, images, weights, amp_dtype=None):
     The codebook's training-time updates (k-means init on the first batch, the EMA statistics,
     dead-code restarts) run in the forward pass, in `VQEmbedding.quantize`, whenever the model is in
     training mode: they need this batch's encoder outputs, which only the forward pass has."""
+    # a new step for CUDA graphs (--compile-mode reduce-overhead): the previous step's outputs may
+    # be overwritten from here on, so callers copy what they keep before the next step
+    torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(images.device.type, amp_dtype or torch.bfloat16,
                         enabled=amp_dtype is not None):
         losses = vqvae_losses(model, images, weights)

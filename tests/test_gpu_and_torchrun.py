@@ -12,6 +12,7 @@ import torch
 
 from conftest import REPO, TINY, load_script, run
 from modules import VQVAEConfig, vqvae_from_config
+from training import loss_weights, make_optimizer, make_precision, maybe_compile, train_step
 
 
 def test_torchrun_ddp_on_cpu_matches_single_process(tmp_path):
@@ -116,6 +117,23 @@ def test_benchmark_reports_both_pipelines(tmp_path, data_folder):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs every script for minutes on a GPU")
+def test_compile_mode_reaches_torch_compile_and_each_step_is_marked(monkeypatch):
+    """--compile-mode goes to torch.compile (reduce-overhead: CUDA graphs on a GPU, timed in
+    README), and every training step tells CUDA graphs that a new step begins, so a replay may
+    reuse the previous step's outputs only after the loop has copied them."""
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = maybe_compile(vqvae_from_config(VQVAEConfig(hidden_size=8, k=16)), "cpu",
+                          "reduce-overhead")
+    assert modes[-1] == "reduce-overhead"
+    optimizer, (amp_dtype, scaler) = make_optimizer(model, 2e-4, "cpu"), make_precision("cpu", False)
+    for _ in range(2):
+        train_step(model, optimizer, scaler, torch.rand(4, 1, 28, 28) * 2 - 1, loss_weights(1.0),
+                   amp_dtype)
+    assert len(marks) == 2
+
+
 def test_gpu_check_says_there_is_no_gpu_and_exits_0(tmp_path):
     result = run("gpu_check.py", cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
