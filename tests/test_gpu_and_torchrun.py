@@ -116,7 +116,6 @@ def test_benchmark_reports_both_pipelines(tmp_path, data_folder):
     assert "prior samples" in load_script("gpu_check.py").benchmark_figures(result.stdout)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="runs every script for minutes on a GPU")
 def test_compile_mode_reaches_torch_compile_and_each_step_is_marked(monkeypatch):
     """--compile-mode goes to torch.compile (reduce-overhead: CUDA graphs on a GPU, timed in
     README), and every training step tells CUDA graphs that a new step begins, so a replay may
@@ -134,6 +133,7 @@ def test_compile_mode_reaches_torch_compile_and_each_step_is_marked(monkeypatch)
     assert len(marks) == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs every script for minutes on a GPU")
 def test_gpu_check_says_there_is_no_gpu_and_exits_0(tmp_path):
     result = run("gpu_check.py", cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
