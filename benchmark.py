@@ -22,7 +22,7 @@ import time
 import torch
 
 from checkpoints import load_prior, load_vqvae
-from cli import ArgumentParser, nonnegative_int, positive_int, resolve_device
+from cli import ArgumentParser, fail, nonnegative_int, positive_int, resolve_device
 from data import MNISTSplit
 from modules import VQVAEConfig, vqvae_from_config
 from sampling import sample_prior, sampler_options
@@ -105,6 +105,8 @@ def main():
                    help="also time the fast path with each of these quantizers (at their defaults)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.compile_mode != "default" and not args.compile:
+        fail(f"--compile-mode {args.compile_mode} applies with --compile, which was not given")
     device = resolve_device(args.device)
     steps_per_epoch = -(-60000 // args.batch_size)
     compiled = f", compile {args.compile_mode}" * args.compile
@@ -134,9 +136,9 @@ def main():
         return
     print(f"device {result['device']} {result['gpu'] or ''}  torch {result['torch']}  "
           f"batch {args.batch_size}")
-    print(f"{'pipeline':44s} {'ms/step':>8s} {'images/s':>9s} {'s/epoch':>8s}")
+    print(f"{'pipeline':50s} {'ms/step':>8s} {'images/s':>9s} {'s/epoch':>8s}")
     for row in result["rows"]:
-        print(f"{row['pipeline']:44s} {row['ms_per_step']:8.1f} {row['images_per_s']:9.0f} "
+        print(f"{row['pipeline']:50s} {row['ms_per_step']:8.1f} {row['images_per_s']:9.0f} "
               f"{row['s_per_epoch']:8.1f}")
     print(f"speed-up of the fast path: {result['speedup']:.2f}x")
     if args.full_run:

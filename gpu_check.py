@@ -4,10 +4,12 @@
     python3 gpu_check.py --device cpu     # the same checks on the CPU, to try the check itself
 
 Each check runs a script in a scratch folder with short settings (a few hundred steps) and reads its
-output; the last one is `benchmark.py --full-run`, the whole README-default run. Two checks run in
-this process: a few training steps under `torch.cuda.set_sync_debug_mode("error")`, once at the
-precision --amp picks here and once in fp16 with a GradScaler (what a T4 gets), so a host sync in
-the step fails the check. Exit status 0 when every check passed (or there is no GPU), else 1.
+output; the last one is `benchmark.py --full-run`, the whole README-default run. The host-sync
+checks run in this process: a few training steps under `torch.cuda.set_sync_debug_mode("error")`,
+at the precision --amp picks here for each quantizer and once in fp16 with a GradScaler (what a T4
+gets), so a host sync in the step fails the check. Each row is printed as its check ends (about 9
+minutes in all on an H200), the table and the JSON line at the end. Exit status 0 when every check
+passed (or there is no GPU), else 1.
 """
 import json
 import os
@@ -188,7 +190,7 @@ def main():
     for name, command, read, *before in script_checks(str(device), data,
                                                       cuda and not args.no_full_run, gpus):
         if command is None:  # a check this machine cannot run: `read` says why
-            rows.append({"check": name, "ok": None, "seconds": 0.0, "detail": read})
+            rows.append(progress({"check": name, "ok": None, "seconds": 0.0, "detail": read}))
             continue
         ok, seconds, out, err = True, 0.0, "", ""
         for step in [*before, command]:

@@ -48,7 +48,7 @@ def make_optimizer(model, lr, device):
 
 
 LR_SCHEDULES = ("constant", "cosine")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead")
 
 
 def make_scheduler(optimizer, schedule, total_steps):
@@ -62,8 +62,9 @@ def maybe_compile(model, device, mode="default"):
     """torch.compile(model, mode=mode), or the eager model with a warning where compiling cannot
     work here (no C++ compiler for CPU kernels, no Triton for GPU ones): a tiny function is compiled
     first, since torch.compile itself only fails at the first call. Mode "reduce-overhead" also
-    replays each step as CUDA graphs on a GPU (on a CPU it compiles as "default"): the step at
-    batch 128 is launch-bound on a large GPU (README, GPUs)."""
+    replays the compiled step as CUDA graphs on a GPU (on a CPU it compiles as "default"): at batch
+    128 an H200 waits on kernel launches (README "GPUs and"). A replay overwrites the previous
+    step's outputs, which every caller of train_step has copied (stacked) or dropped by then."""
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
         return torch.compile(model, mode=mode)
@@ -117,9 +118,6 @@ def train_step(model, optimizer, scaler, images, weights, amp_dtype=None):
     The codebook's training-time updates (k-means init on the first batch, the EMA statistics,
     dead-code restarts) run in the forward pass, in `VQEmbedding.quantize`, whenever the model is in
     training mode: they need this batch's encoder outputs, which only the forward pass has."""
-    # a new step for CUDA graphs (--compile-mode reduce-overhead): the previous step's outputs may
-    # be overwritten from here on, so callers copy what they keep before the next step
-    torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(images.device.type, amp_dtype or torch.bfloat16,
                         enabled=amp_dtype is not None):
         losses = vqvae_losses(model, images, weights)
