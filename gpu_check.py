@@ -7,9 +7,9 @@ Each check runs a script in a scratch folder with short settings (a few hundred 
 output; the last one is `benchmark.py --full-run`, the whole README-default run. The host-sync
 checks run in this process: a few training steps under `torch.cuda.set_sync_debug_mode("error")`,
 at the precision --amp picks here for each quantizer and once in fp16 with a GradScaler (what a T4
-gets), so a host sync in the step fails the check. Each row is printed as its check ends (about 9
-minutes in all on an H200), the table and the JSON line at the end. Exit status 0 when every check
-passed (or there is no GPU), else 1.
+gets), so a host sync in the step fails the check. The script checks that read no model another
+check trains run --jobs at a time. Each row is printed as its check ends, the table and the JSON
+line at the end. Exit status 0 when every check passed (or there is no GPU), else 1.
 """
 import json
 import os
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -132,14 +133,36 @@ def benchmark_figures(out):
     return rows + full
 
 
+def reads_a_model_trained_here(check):
+    return any(arg.startswith(("models/eager/", "models/prior/")) for arg in check[1] or [])
+
+
+def run_check(check, work, timeout):
+    """One script check, its `before` commands first -> its row, printed as it ends."""
+    name, command, read, *before = check
+    if command is None:  # a check this machine cannot run: `read` says why
+        return progress({"check": name, "ok": None, "seconds": 0.0, "detail": read})
+    ok, seconds, out, err = True, 0.0, "", ""
+    for step in [*before, command]:
+        ok, step_seconds, out, err = run_script(step, work, timeout)
+        seconds += step_seconds
+        if not ok:
+            break
+    try:
+        detail = read(out) if ok else (err.strip().splitlines() or ["no output"])[-1]
+    except (ValueError, KeyError, IndexError, StopIteration) as e:
+        ok, detail = False, f"unexpected output ({type(e).__name__}: {e}): {out.strip()[-200:]}"
+    return progress({"check": name, "ok": ok, "seconds": round(seconds, 1), "detail": detail})
+
+
 def run_script(command, cwd, timeout):
     """-> (ok, seconds, stdout, stderr)."""
     started = time.perf_counter()
     try:
         result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except subprocess.TimeoutExpired as e:
-        return False, time.perf_counter() - started, "", f"timed out after {timeout} s\n{e.stderr}"
+    except subprocess.TimeoutExpired:  # the row shows the last line of stderr: say why there
+        return False, time.perf_counter() - started, "", f"timed out after {timeout} s (--timeout)"
     return result.returncode == 0, time.perf_counter() - started, result.stdout, result.stderr
 
 
@@ -174,6 +197,8 @@ def main():
     p.add_argument("--no-full-run", action="store_true",
                    help="benchmark.py without --full-run (default on the CPU: 10 epochs take long)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder and print it")
+    p.add_argument("--jobs", type=positive_int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
+                   help="script checks run at a time (default: a quarter of the CPU cores, 1 to 4)")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check.py: no CUDA GPU on this machine, nothing was checked "
@@ -185,25 +210,15 @@ def main():
     work = tempfile.mkdtemp(prefix="gpu_check-")
     data = os.path.join(work, "data")
     prepare_mnist(data)
-    rows = []
     gpus = torch.cuda.device_count() if cuda else 0
-    for name, command, read, *before in script_checks(str(device), data,
-                                                      cuda and not args.no_full_run, gpus):
-        if command is None:  # a check this machine cannot run: `read` says why
-            rows.append(progress({"check": name, "ok": None, "seconds": 0.0, "detail": read}))
-            continue
-        ok, seconds, out, err = True, 0.0, "", ""
-        for step in [*before, command]:
-            ok, step_seconds, out, err = run_script(step, work, args.timeout)
-            seconds += step_seconds
-            if not ok:
-                break
-        try:
-            detail = read(out) if ok else (err.strip().splitlines() or ["no output"])[-1]
-        except (ValueError, KeyError, IndexError, StopIteration) as e:
-            ok, detail = False, f"unexpected output ({type(e).__name__}: {e}): {out.strip()[-200:]}"
-        rows.append(progress({"check": name, "ok": ok, "seconds": round(seconds, 1),
-                              "detail": detail}))
+    *scripts, benchmark = script_checks(str(device), data, cuda and not args.no_full_run, gpus)
+    # Checks that read no model another check trains run --jobs at a time (compiling is most of
+    # their time, and it is CPU work); then, in order, those that do, and benchmark.py alone.
+    later = [check for check in scripts if reads_a_model_trained_here(check)]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda check: run_check(check, work, args.timeout),
+                             [check for check in scripts if check not in later]))
+    rows += [run_check(check, work, args.timeout) for check in [*later, benchmark]]
     if cuda:
         amp_dtype, scaler = make_precision(device, True)
         checks = [("training step free of host syncs, --amp", (amp_dtype, scaler), "vq"),

@@ -155,3 +155,13 @@ def test_gpu_check_runs_torchrun_with_two_processes_or_says_it_needs_two_gpus():
             assert "--nproc_per_node=2" in command and read is gpu_check.ranks_agree
     with pytest.raises(ValueError):
         gpu_check.ranks_agree("rank 0 parameter checksum 1.0\nrank 1 parameter checksum 1.5\n")
+
+
+def test_gpu_check_runs_side_by_side_only_what_needs_no_model_trained_there():
+    """The checks that read the eager VQ-VAE or the prior trained by other checks wait for them."""
+    gpu_check = load_script("gpu_check.py")
+    *scripts, benchmark = gpu_check.script_checks("cuda", "data", False, 1)
+    later = [check[0] for check in scripts if gpu_check.reads_a_model_trained_here(check)]
+    assert later[0] == "pixelcnn_prior.py" and len(later) == 5
+    assert all(name.startswith("generate.py") for name in later[1:])
+    assert benchmark[0].startswith("benchmark.py")
