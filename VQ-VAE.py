@@ -30,8 +30,9 @@ from image_grids import image_grid
 from modules import ORIGINAL_CONFIG, VQVAEConfig, vqvae_from_config
 from runs import (TrainingRun, add_run_flags, end_distributed, parse_run_args, seed_everything,
                   typed_flags)
-from training import (COMPILE_MODES, LR_SCHEDULES, code_usage, evaluate_vqvae, loss_weights,
-                      make_optimizer, make_precision, make_scheduler, maybe_compile, train_step)
+from training import (LR_SCHEDULES, add_compile_flags, check_compile_flags, code_usage,
+                      evaluate_vqvae, loss_weights, make_optimizer, make_precision, make_scheduler,
+                      maybe_compile, train_step)
 from vector_quantizer import (CODEBOOK_INITS, CODEBOOKS, FSQ_MAX_LEVEL, GRADIENTS, MAX_IMPLICIT_K,
                               QUANTIZERS)
 
@@ -109,11 +110,9 @@ def build_parser():
                         "8.0+ (A100, H100, H200, RTX 30xx+) and on CPUs with AVX512-BF16/AMX; fp16 "
                         "with loss scaling on older GPUs (T4, V100); float32 with a warning on "
                         "other CPUs. The quantizer's distances and EMA statistics stay float32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="torch.compile's mode, with --compile: reduce-overhead replays each step "
-                        "as CUDA graphs on a GPU, 2.3x faster per step than eager on an H200; "
-                        "not under torchrun")
+    add_compile_flags(g, "torch.compile's mode, with --compile: reduce-overhead replays each "
+                         "step as CUDA graphs on a GPU, 2.3x faster per step than eager on an "
+                         "H200; not under torchrun")
     add_run_flags(p, "images").add_argument("--max-steps", type=positive_int, default=None,
                                             help="stop after this many steps")
     return p
@@ -127,8 +126,7 @@ def parse_args(argv=None):
                                       before_flags=BEFORE_FLAGS)
     typed = typed_flags(parser, argv)
     check_quantizer_flags(args, typed)
-    if "compile_mode" in typed and not args.compile:
-        fail(f"--compile-mode {args.compile_mode} applies with --compile, which was not given")
+    check_compile_flags(args, typed)
     if args.compile_mode != "default" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # CUDA graphs with DistributedDataParallel and SyncBatchNorm: known torch problems, untried
         fail(f"--compile-mode {args.compile_mode} is not supported under torchrun; use "

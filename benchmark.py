@@ -22,12 +22,13 @@ import time
 import torch
 
 from checkpoints import load_prior, load_vqvae
-from cli import ArgumentParser, fail, nonnegative_int, positive_int, resolve_device
+from cli import ArgumentParser, nonnegative_int, positive_int, resolve_device
 from data import MNISTSplit
 from modules import VQVAEConfig, vqvae_from_config
 from sampling import sample_prior, sampler_options
-from training import (COMPILE_MODES, loss_weights, make_optimizer, make_precision, maybe_compile,
-                      train_step)
+from runs import typed_flags
+from training import (add_compile_flags, check_compile_flags, loss_weights, make_optimizer,
+                      make_precision, maybe_compile, train_step)
 from vector_quantizer import QUANTIZERS
 
 
@@ -95,9 +96,7 @@ def main():
     p.add_argument("--num-workers", type=nonnegative_int, default=max(os.cpu_count() - 1, 0))
     p.add_argument("--data-folder", default="data")
     p.add_argument("--amp", action="store_true", help="VQ-VAE.py's --amp on the fast path")
-    p.add_argument("--compile", action="store_true", help="torch.compile on the fast path")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="torch.compile's mode with --compile (VQ-VAE.py's)")
+    add_compile_flags(p, "torch.compile's mode with --compile, on the fast path (VQ-VAE.py's)")
     p.add_argument("--full-run", action="store_true", help="also time a whole 10-epoch run")
     p.add_argument("--prior-samples", type=nonnegative_int, default=0, metavar="N",
                    help="also time drawing N digits from the committed prior")
@@ -105,8 +104,7 @@ def main():
                    help="also time the fast path with each of these quantizers (at their defaults)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    if args.compile_mode != "default" and not args.compile:
-        fail(f"--compile-mode {args.compile_mode} applies with --compile, which was not given")
+    check_compile_flags(args, typed_flags(p))
     device = resolve_device(args.device)
     steps_per_epoch = -(-60000 // args.batch_size)
     compiled = f", compile {args.compile_mode}" * args.compile

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from cli import fail
 from vector_quantizer import count_codes
 
 
@@ -56,6 +57,18 @@ def make_scheduler(optimizer, schedule, total_steps):
     if schedule == "constant":
         return None
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1))
+
+
+def add_compile_flags(parser, mode_help):
+    """--compile and --compile-mode, as VQ-VAE.py and benchmark.py both take them."""
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help=mode_help)
+
+
+def check_compile_flags(args, typed):
+    """A typed --compile-mode without --compile would be silently ignored: refuse it (exit 2)."""
+    if "compile_mode" in typed and not args.compile:
+        fail(f"--compile-mode {args.compile_mode} applies with --compile, which was not given")
 
 
 def maybe_compile(model, device, mode="default"):

@@ -120,7 +120,8 @@ def test_benchmark_reports_both_pipelines(tmp_path, data_folder, monkeypatch):
 
 def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, data_folder):
     """VQ-VAE.py's --compile-mode reaches torch.compile (reduce-overhead: CUDA graphs on a GPU,
-    README "GPUs and"; benchmark.py's: its test); under torchrun that mode is refused in one line."""
+    README "GPUs and"; benchmark.py's: its test); under torchrun that mode is refused in one line,
+    and so is --compile-mode without --compile in benchmark.py (VQ-VAE.py's: test_vqvae_script)."""
     modes = []
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
     graphs = ["--compile", "--compile-mode", "reduce-overhead"]
@@ -131,6 +132,8 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, data_folder):
     result = run("VQ-VAE.py", *graphs, "--output-folder", "ddp", cwd=tmp_path, check=False)
     assert_clean_failure(result, "--compile-mode reduce-overhead", "torchrun")
     assert not (tmp_path / "models" / "ddp").exists()
+    result = run("benchmark.py", "--compile-mode", "reduce-overhead", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--compile-mode reduce-overhead", "applies with --compile")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs every script for minutes on a GPU")
