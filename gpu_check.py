@@ -4,7 +4,8 @@
     python3 gpu_check.py --device cpu     # the same checks on the CPU, to try the check itself
 
 Each check runs a script in a scratch folder with short settings (a few hundred steps) and reads its
-output; the last one is `benchmark.py --full-run`, the whole README-default run. The host-sync
+output; the last one is `benchmark.py --full-run`, the whole README-default run. The run with CUDA
+graphs must end within 10% of the same run compiled in the default mode. The host-sync
 checks run in this process: a few training steps under `torch.cuda.set_sync_debug_mode("error")`,
 at the precision --amp picks here for each quantizer and once in fp16 with a GradScaler (what a T4
 gets), so a host sync in the step fails the check. The script checks that read no model another
@@ -33,6 +34,9 @@ from vector_quantizer import QUANTIZERS
 REPO = os.path.dirname(os.path.abspath(__file__))
 PRETRAINED = os.path.join(REPO, "models", "pretrained")
 RESULT = {True: "ok", False: "FAILED", None: "not run"}
+COMPILED_AMP = "VQ-VAE.py --compile --amp"
+GRAPHS = "VQ-VAE.py --compile --compile-mode reduce-overhead --amp (CUDA graphs)"
+GRAPHS_TOLERANCE = 0.1  # relative: the same seed, data and steps, other numerics only
 SHORT = ["--num-epochs", "1", "--max-steps", "300", "--test-subset", "2000", "--seed", "0",
          "--num-workers", "0"]
 
@@ -60,10 +64,9 @@ def script_checks(device, data, full_run, gpus):
         ("VQ-VAE.py --amp", [*vqvae, "--output-folder", "amp", "--amp", *SHORT], epoch_line),
         ("VQ-VAE.py --compile", [*vqvae, "--output-folder", "compiled", "--compile", *SHORT],
          epoch_line),
-        ("VQ-VAE.py --compile --amp",
+        (COMPILED_AMP,
          [*vqvae, "--output-folder", "compiled_amp", "--compile", "--amp", *SHORT], epoch_line),
-        ("VQ-VAE.py --compile --compile-mode reduce-overhead --amp (CUDA graphs)",
-         [*vqvae, "--output-folder", "graphs", "--compile", "--compile-mode", "reduce-overhead",
+        (GRAPHS, [*vqvae, "--output-folder", "graphs", "--compile", "--compile-mode", "reduce-overhead",
           "--amp", *SHORT], epoch_line),
         *[(f"VQ-VAE.py --quantizer {name} --compile --amp",
            [*vqvae, "--output-folder", name, "--quantizer", name, "--compile", "--amp", *SHORT],
@@ -131,6 +134,21 @@ def benchmark_figures(out):
     full = f"; whole default run {report['full_run_s']:.1f} s" if "full_run_s" in report else ""
     full += f"; 10,000 prior samples {report['prior_samples']['s']:.1f} s"
     return rows + full
+
+
+def graphs_train_alike(rows):
+    """The CUDA-graphs run against the same run compiled in the default mode (seed, data and
+    steps alike): a replay that read or wrote stale buffers would finish with another test
+    reconstruction error. -> a row, or None when either run failed (its own row says why)."""
+    detail = {row["check"]: row["detail"] for row in rows if row["ok"]}
+    if GRAPHS not in detail or COMPILED_AMP not in detail:
+        return None
+    graphs, compiled = (float(re.search(r"test reconstruction ([\d.]+)", detail[name]).group(1))
+                        for name in (GRAPHS, COMPILED_AMP))
+    return progress({"check": "CUDA graphs train as the default compile mode does",
+                     "ok": abs(graphs - compiled) <= GRAPHS_TOLERANCE * compiled, "seconds": 0.0,
+                     "detail": f"test reconstruction {graphs:.5f} against {compiled:.5f} "
+                               f"(tolerance {GRAPHS_TOLERANCE:.0%})"})
 
 
 def reads_a_model_trained_here(check):
@@ -219,6 +237,7 @@ def main():
         rows = list(pool.map(lambda check: run_check(check, work, args.timeout),
                              [check for check in scripts if check not in later]))
     rows += [run_check(check, work, args.timeout) for check in [*later, benchmark]]
+    rows += [row for row in [graphs_train_alike(rows)] if row]
     if cuda:
         amp_dtype, scaler = make_precision(device, True)
         checks = [("training step free of host syncs, --amp", (amp_dtype, scaler), "vq"),

@@ -169,3 +169,17 @@ def test_gpu_check_runs_side_by_side_only_what_needs_no_model_trained_there():
     assert later[0] == "pixelcnn_prior.py" and len(later) == 5
     assert all(name.startswith("generate.py") for name in later[1:])
     assert benchmark[0].startswith("benchmark.py")
+
+
+def test_gpu_check_compares_the_cuda_graphs_run_with_the_default_compile_mode():
+    gpu_check = load_script("gpu_check.py")
+    names = [check[0] for check in gpu_check.script_checks("cuda", "data", False, 1)]
+    assert gpu_check.GRAPHS in names and gpu_check.COMPILED_AMP in names
+
+    def rows(graphs_error, graphs_ok=True):
+        line = "bf16; epoch 1/1  step 300  test reconstruction {:.5f}  quantization 0.01"
+        return [{"check": gpu_check.COMPILED_AMP, "ok": True, "detail": line.format(0.02)},
+                {"check": gpu_check.GRAPHS, "ok": graphs_ok, "detail": line.format(graphs_error)}]
+    assert gpu_check.graphs_train_alike(rows(0.0205))["ok"] is True
+    assert gpu_check.graphs_train_alike(rows(0.05))["ok"] is False
+    assert gpu_check.graphs_train_alike(rows(0.05, graphs_ok=False)) is None
