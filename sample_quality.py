@@ -42,12 +42,12 @@ import os
 import torch
 
 from checkpoints import load_checkpoint, load_classifier, load_prior, load_vqvae, run_settings
-from cli import (ArgumentParser, add_vqvae_size_flags, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, resolve_device, unit_float, vqvae_sizes)
+from cli import (ArgumentParser, add_vqvae_size_flags, nonnegative_int, positive_float,
+                 positive_int, resolve_device, unit_float, vqvae_sizes)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, normalize, to_uint8
 from distribution_measures import (frechet_distance, kernel_distance, precision_recall,
                                    two_sample_accuracy)
-from sampling import sample_prior, sampler_options
+from sampling import guidance_scale, sample_prior, sampler_options, scale_text
 from vector_quantizer import count_codes
 
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained")
@@ -89,8 +89,10 @@ def build_parser():
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also judge noise and codes drawn uniformly or from their histogram "
                         "(--no-baselines: the floor, the real images and the prior only)")
-    p.add_argument("--guidance-scales", type=nonnegative_float, nargs="+", default=[None],
-                   metavar="S", help="default: generate.py's default for this prior")
+    p.add_argument("--guidance-scales", type=guidance_scale, nargs="+", default=[None],
+                   metavar="S", help="each one scale, or ten comma-separated (per digit, as "
+                                     "generate.py --guidance-scale); default: generate.py's "
+                                     "default for this prior")
     p.add_argument("--temperatures", type=positive_float, nargs="+", default=[1.0])
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=unit_float, default=1.0)
@@ -219,7 +221,8 @@ def protocol_choice(samplers, floor):
 
 
 def sampler_name(sampler, temperature, interval, top_k, top_p):
-    return f"prior, guidance {sampler['guidance_scale']:g}, temperature {temperature:g}" + \
+    return f"prior, guidance {scale_text(sampler['guidance_scale'])}, " \
+        f"temperature {temperature:g}" + \
         (f", positions {interval[0]}-{interval[1] - 1}" if interval else "") + \
         (f", top-k {top_k}" if top_k else "") + (f", top-p {top_p:g}" if top_p < 1 else "") + \
         (f", keep {sampler['keep']:g}" if sampler["keep"] < 1 else "")

@@ -73,7 +73,7 @@ def test_generate_digit_draws_that_digit(tmp_path, data_folder):
 
 @pytest.mark.parametrize("case", ["missing", "digit", "temperature", "other_k", "vqvae_as_prior",
                                   "guidance_without_null_label", "keep_without_null_label", "top_p",
-                                  "guidance_interval"])
+                                  "guidance_interval", "per_digit_scales", "per_digit_negative"])
 def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
     cwd, _ = trained_prior
     vqvae, prior = str(cwd / "models/tiny/best.pt"), str(cwd / "models/prior/best.pt")
@@ -101,6 +101,10 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
         "top_p": (["--prior-model", prior, "--top-p", "1.5"], ["--top-p"]),
         "guidance_interval": (["--prior-model", prior, "--guidance-interval", "30", "20"],
                               ["--guidance-interval 30 20", "START < STOP"]),
+        "per_digit_scales": (["--prior-model", prior, "--guidance-scale", "1.2,1.1"],
+                             ["--guidance-scale", "ten comma-separated", "got 2"]),
+        "per_digit_negative": (["--prior-model", prior, "--guidance-scale", "1,1,1,1,1,1,1,1,1,-2"],
+                               ["--guidance-scale", ">= 0", "'-2'"]),
     }[case]
     result = run("generate.py", "--model", vqvae, "--input", "prior", *args, cwd=tmp_path,
                  check=False)
@@ -124,12 +128,14 @@ def test_generate_guides_by_default_only_priors_that_can_be_guided(trained_prior
     scales, drawn = [], []
     original = gated_pixelcnn.GatedPixelCNN.sample
     monkeypatch.setattr(gated_pixelcnn.GatedPixelCNN, "sample", lambda self, labels, **kw: (
-        scales.append(kw["guidance_scale"]), drawn.append(len(labels)),
+        scales.append((labels, kw["guidance_scale"])), drawn.append(len(labels)),
         original(self, labels, **kw))[2])
     for path in (prior, "conditional.pt"):
         run("generate.py", "--model", str(cwd / "models/tiny/best.pt"), "--input", "prior",
             "--prior-model", path, cwd=tmp_path)
-    assert scales == [DEFAULT_GUIDANCE_SCALE, 1.0]
+    (labels, guided), (_, unguided) = scales
+    assert torch.equal(guided, torch.tensor(DEFAULT_GUIDANCE_SCALE)[labels].unsqueeze(1))
+    assert unguided == 1.0
     assert drawn == [10 * math.ceil(10 / DEFAULT_KEEP), 100]
 
 

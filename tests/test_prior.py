@@ -179,6 +179,34 @@ def test_keep_rejects_the_maps_with_the_least_evidence_for_their_digit(arch):
     assert not torch.equal(kept, plain)
 
 
+@pytest.mark.parametrize("arch", ["gated_pixelcnn", "transformer"])
+def test_per_digit_guidance_guides_each_row_by_its_digits_scale(arch):
+    """A per-digit guidance scale (generate.py's default): each row's logits u + s_d (c - u) with
+    its digit's s_d; rows of digits whose scale is the uniform one draw exactly what the uniform
+    scale draws, and ten equal scales are that scale."""
+    from sampling import per_row, sample_codes
+    torch.manual_seed(0)
+    prior = small(arch, num_layers=2, unconditional=True).eval()
+    for parameter in prior.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    labels = torch.tensor([3, 7, 7, 0, 3, 7])
+    scales = (1.5,) * 7 + (3.0,) + (1.5,) * 2       # digit 7 guided harder
+    with torch.no_grad():
+        sampled, logits, _ = prior.sample(labels, guidance_scale=per_row(scales, labels),
+                                          return_details=True)
+        u, c = prior(sampled, torch.full_like(labels, 10)), prior(sampled, labels)
+        s = torch.tensor([1.5, 3.0, 3.0, 1.5, 1.5, 3.0])[:, None, None, None]
+        torch.testing.assert_close(logits, u + s * (c - u), atol=1e-4, rtol=1e-4)
+        drawn = {}
+        for name, scale in (("uniform", 1.5), ("ten equal", (1.5,) * 10), ("per digit", scales)):
+            torch.manual_seed(1)
+            drawn[name] = sample_codes(prior, labels, guidance_scale=scale, batch_size=4)
+    assert torch.equal(drawn["ten equal"], drawn["uniform"])
+    other = labels != 7
+    assert torch.equal(drawn["per digit"][other], drawn["uniform"][other])
+    assert not torch.equal(drawn["per digit"][~other], drawn["uniform"][~other])
+
+
 def test_prior_ema_follows_the_weights():
     from pixelcnn_prior import update_ema
     prior, average = small("gated_pixelcnn"), small("gated_pixelcnn")
