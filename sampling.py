@@ -13,17 +13,15 @@ import torch.nn.functional as F
 
 from cli import fail, nonnegative_float, nonnegative_int, positive_int, unit_float
 
-# generate.py's default --guidance-scale (per digit, 0 first) and --keep, measured in RESULTS.md
+# generate.py's default --guidance-scale and --keep, measured in RESULTS.md
 # "The prior under three judges, second pass": of the committed prior's samplers at temperature
 # 1.0 whose class agreement reaches 98.5% under the CNN and MLP judges (mean over sampling seeds
 # 0-2), the one nearest its floor under both (Frechet distance as a multiple of the floor's);
 # chosen again from the int8 file, against guidance 1.1 and keep 0.7 ("third pass"), for the
 # committed prior ("fifth pass"), under the random-draw and held-out floors ("seventh pass"), and
-# by `sample_quality.py --seeds 0 1 2`, which applies the protocol itself ("ninth pass"): 1.2 for
-# every digit. Per digit ("eleventh pass"): the digits the prior already draws legibly (1, 6)
-# guided less, so they keep more variety, 8 more, chosen by the same protocol on seeds 0-2 and
-# reported on seeds 3-4.
-DEFAULT_GUIDANCE_SCALE = (1.2, 1.1, 1.15, 1.2, 1.2, 1.15, 1.1, 1.2, 1.3, 1.2)
+# by `sample_quality.py --seeds 0 1 2`, which applies the protocol itself ("ninth pass"). A scale
+# per digit won on the protocol's own reference and lost against the test images ("eleventh pass").
+DEFAULT_GUIDANCE_SCALE = 1.2
 DEFAULT_KEEP = 0.8
 
 
@@ -123,9 +121,9 @@ def add_sampler_flags(parser):
     parser.add_argument("--guidance-scale", type=guidance_scale, default=None, metavar="S",
                         help="classifier-free guidance: logits u + S (c - u) from the prior's "
                              "unconditional u and conditional c; 1 is none. One S for every "
-                             "digit, or ten comma-separated, digit 0's first. Default, per digit: "
-                             f"{','.join(f'{s:g}' for s in DEFAULT_GUIDANCE_SCALE)} (measured: "
-                             "RESULTS.md), 1 for a prior trained without --label-dropout")
+                             "digit, or ten comma-separated, digit 0's first. Default "
+                             f"{DEFAULT_GUIDANCE_SCALE} (measured: RESULTS.md), 1 for a prior "
+                             "trained without --label-dropout")
     parser.add_argument("--guidance-interval", type=nonnegative_int, nargs=2, default=None,
                         metavar=("START", "STOP"),
                         help="guide only raster positions START <= t < STOP of the 49 (default: "
@@ -172,7 +170,7 @@ def scale_text(scale):
 
 def sample_codes(prior, labels, keep=1.0, batch_size=1000, **sampler):
     """labels (N,) -> code maps (N, 7, 7); `sampler`: the prior's `sample`'s options, with
-    guidance_scale also a per-digit tuple (`DEFAULT_GUIDANCE_SCALE`).
+    guidance_scale also a per-digit tuple (generate.py --guidance-scale S0,...,S9).
 
     keep < 1 (rejection by the prior's own class evidence): for each digit d asked for n times,
     ceil(n / keep) maps are drawn and the n with the largest evidence log p(codes | d) -
