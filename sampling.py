@@ -44,9 +44,10 @@ def is_guided(scale):
 
 def per_row(scale, labels):
     """A guidance scale and the digits asked for, labels (B,) -> the scale each row is guided by:
-    a float stays one; a per-digit tuple becomes (B, 1), broadcast over the logits (B, K)."""
-    if not isinstance(scale, tuple):
-        return scale
+    a float, or ten equal scales, stays one float (so 1 stays unguided); a per-digit tuple becomes
+    (B, 1), broadcast over the logits (B, K)."""
+    if not isinstance(scale, tuple) or len(set(scale)) == 1:
+        return scale[0] if isinstance(scale, tuple) else scale
     return torch.tensor(scale, device=labels.device)[labels].unsqueeze(1)
 
 
@@ -72,9 +73,9 @@ def with_null_half(prior, labels, guidance_scale, evidence=False):
 def next_codes(logits, guidance_scale=1.0, temperature=1.0, top_k=None, top_p=1.0,
                guidance_interval=None, position=0, paired=False):
     """logits (N, K) float32 for one position, with (`paired`) the null-label half after the
-    conditional one; guidance_scale a float or per row (B, 1) -> (the guided logits (B, K), the codes drawn from them (B,), and when paired
-    the evidence those codes add for the digit, log p(code | digit) - log p(code | no digit) (B,),
-    else None).
+    conditional one; guidance_scale a float or per row (B, 1) -> (the guided logits (B, K), the
+    codes drawn from them (B,), and when paired the evidence those codes add for the digit,
+    log p(code | digit) - log p(code | no digit) (B,), else None).
 
     Guidance mixes conditional c and unconditional u logits as u + s (c - u) (Ho and Salimans
     2022, "Classifier-Free Diffusion Guidance", eq. 6, applied to logits); with a

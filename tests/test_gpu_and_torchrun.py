@@ -183,3 +183,6 @@ def test_gpu_check_compares_the_cuda_graphs_run_with_the_default_compile_mode():
     assert gpu_check.graphs_train_alike(rows(0.0205))["ok"] is True
     assert gpu_check.graphs_train_alike(rows(0.05))["ok"] is False
     assert gpu_check.graphs_train_alike(rows(0.05, graphs_ok=False)) is None
+    changed = rows(0.02)
+    changed[1]["detail"] = "bf16; epoch 1/1  step 300  test MSE 0.02"
+    assert gpu_check.graphs_train_alike(changed)["ok"] is False

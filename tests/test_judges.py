@@ -8,7 +8,6 @@ import torch
 from checkpoints import save_checkpoint
 from conftest import REPO, assert_clean_failure, load_script, run
 from data import MNISTSplit
-from sampling import DEFAULT_GUIDANCE_SCALE, scale_text
 
 
 JUDGE_NAMES = ("classifier", "classifier_mlp", "classifier_aug")
@@ -162,8 +161,7 @@ def test_committed_models_make_real_digits(tmp_path, data_folder):
     report = json.loads(result.stdout)
     assert report["prior_saw_the_reference"] is False
     assert load_script("gpu_check.py").prior_quality(result.stdout).startswith(
-        f"prior, guidance {scale_text(DEFAULT_GUIDANCE_SCALE)}, temperature 1, keep 0.8: "
-        "classifier agreement")
+        "prior, guidance 1.2, temperature 1, keep 0.8: classifier agreement")
     rows = {row["source"]: row for row in report["rows"]}
     sampled = [source for source in rows if source.startswith("prior, guidance")]
     assert len(sampled) == 1, rows.keys()

@@ -181,7 +181,7 @@ def test_keep_rejects_the_maps_with_the_least_evidence_for_their_digit(arch):
 
 @pytest.mark.parametrize("arch", ["gated_pixelcnn", "transformer"])
 def test_per_digit_guidance_guides_each_row_by_its_digits_scale(arch):
-    """A per-digit guidance scale (generate.py's default): each row's logits u + s_d (c - u) with
+    """A per-digit guidance scale (--guidance-scale S0,...,S9): each row's logits u + s_d (c - u) with
     its digit's s_d; rows of digits whose scale is the uniform one draw exactly what the uniform
     scale draws, and ten equal scales are that scale."""
     from sampling import per_row, sample_codes
@@ -205,6 +205,19 @@ def test_per_digit_guidance_guides_each_row_by_its_digits_scale(arch):
     other = labels != 7
     assert torch.equal(drawn["per digit"][other], drawn["uniform"][other])
     assert not torch.equal(drawn["per digit"][~other], drawn["uniform"][~other])
+
+
+def test_guidance_scale_flag_reads_one_scale_or_ten():
+    """Ten equal scales are that one scale (so ten 1s need no unconditional half); one or ten
+    values, each >= 0, else argparse's one-line error."""
+    import argparse
+    from sampling import guidance_scale, per_row
+    assert guidance_scale("1.5") == 1.5 and guidance_scale(",".join(["1"] * 10)) == 1.0
+    assert guidance_scale("1,2,1,1,1,1,1,1,1,1.5") == (1, 2, 1, 1, 1, 1, 1, 1, 1, 1.5)
+    assert per_row((1.0,) * 10, torch.tensor([3, 4])) == 1.0
+    for bad in ("1,2", "1,1,1,1,1,1,1,1,1,-1", "1,1,1,1,1,1,1,1,1,1,1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            guidance_scale(bad)
 
 
 def test_prior_ema_follows_the_weights():
