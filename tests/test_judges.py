@@ -314,3 +314,22 @@ def test_classifier_refuses_a_last_batch_of_one_image(capsys):
         assert exit_.value.code == 2 and f"--batch-size {flags[-1]}" in capsys.readouterr().err
     for flags in (["--arch", "mlp", "--train-subset", "130"], ["--train-subset", "129"]):
         args, _ = classifier.parse_args([*flags, "--batch-size", "128"])  # the CNN trains on one
+
+
+def test_sample_quality_table_over_seeds_shows_the_distance_to_the_test_images(capsys):
+    """The means over seeds carry the Frechet distance to the test images, a reference that took
+    no part in choosing, beside the multiple of the floor (RESULTS.md, eleventh pass)."""
+    sample_quality = load_script("sample_quality.py")
+    figures = lambda fd, test: {"agreement": 0.99, "frechet_distance": fd, "recall": 0.9,  # noqa: E731
+                                "frechet_to_test": test}
+    floor = {"judges": {"cnn": figures(0.5, 2.0), "mlp": figures(0.2, 0.3)},
+             "two_sample_accuracy": 0.53}
+    row = {"source": "prior, guidance 1.2", "judges": {"cnn": figures(0.6, 2.1),
+                                                        "mlp": figures(0.25, 0.375)},
+           "two_sample_accuracy": 0.54,
+           "spread": {"two_sample_accuracy": 0.0,
+                      "judges": {j: figures(0, 0) | {"agreement": 0.0} for j in ("cnn", "mlp")}}}
+    sample_quality.print_over_seeds({"samplers": [row]}, ["cnn", "mlp"], floor, [0, 1])
+    header, _, line = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert "Frechet to test (floor 2.000 / 0.300)" in header
+    assert line.split(" | ")[2:4] == ["1.20 / 1.25", "2.100 / 0.375"]
