@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cli import (ArgumentParser, decay_float, fail, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, resolve_device)
+                 positive_float, positive_int, resolve_device, seed_int)
 from data import MNISTSplit
 from image_grids import image_grid
 from modules import ORIGINAL_CONFIG, VQVAEConfig, vqvae_from_config
@@ -69,7 +69,7 @@ def build_parser():
     p.add_argument("--k", type=positive_int, default=DEFAULTS.k,
                    help="number of codewords K")
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--num-epochs", "--num_epoch", dest="num_epochs", type=nonnegative_int, default=10)
+    p.add_argument("--num-epochs", "--num_epoch", dest="num_epochs", type=positive_int, default=10)
     p.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine")
     p.add_argument("--beta", type=positive_float, default=1.0,
@@ -77,7 +77,7 @@ def build_parser():
     p.add_argument("--num-workers", type=nonnegative_int, default=max(mp.cpu_count() - 1, 0),
                    help="DataLoader workers of --data-pipeline torchvision (the device pipeline "
                         "needs none)")
-    p.add_argument("--seed", type=nonnegative_int, default=None, help="default: drawn and recorded")
+    p.add_argument("--seed", type=seed_int, default=None, help="default: drawn and recorded")
     g = p.add_argument_group("quantizer")
     g.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULTS.quantizer,
                    help="vq: the codebook (options below); fsq, lfq, simvq: see vector_quantizer.py")

@@ -13,7 +13,7 @@ import pickle
 
 import torch
 
-from cli import fail
+from cli import SIZE_FLAGS, fail
 from files import atomic_write
 from code_transformer import CodeTransformerConfig
 from gated_pixelcnn import GatedPixelCNNConfig
@@ -57,7 +57,12 @@ def load_checkpoint(path, kind, flag="--model"):
                                            for v in checkpoint.values()):
             return {"kind": "vqvae", "state_dict": checkpoint, "config": None}
         fail(f"{flag} {path}: not a checkpoint of this repo (no 'state_dict')")
+    if not isinstance(checkpoint["state_dict"], dict):
+        fail(f"{flag} {path}: its state_dict is not a dict of tensors")
     found = checkpoint.get("kind", "vqvae")
+    if not isinstance(found, str):
+        fail(f"{flag} {path}: its kind {found!r} is not a name; expected one of "
+             f"{', '.join(CHECKPOINT_KINDS)}")
     if kind is None and found not in CHECKPOINT_KINDS:
         fail(f"{flag} {path}: a checkpoint of unknown kind {found!r}; expected one written by "
              f"{', '.join(CHECKPOINT_KINDS.values())}")
@@ -113,7 +118,7 @@ def per_channel(scale, w):
 
 def load_resume_checkpoint(path, kind):
     """`load_checkpoint` for --resume, which also needs the training state: a weights-only file
-    (an original-style bare state_dict, the committed models/pretrained/ copies) is refused."""
+    (an original-style bare state_dict, a file of export_checkpoint.py) is refused."""
     checkpoint = load_checkpoint(path, kind, "--resume")
     if "optimizer" not in checkpoint:
         fail(f"--resume {path}: weights only, without the optimizer state a resume needs; "
@@ -156,11 +161,13 @@ def load_optimizer_state(optimizer, state):
 
 
 def config_from(build, checkpoint, flag, path):
-    """`build(checkpoint)` -> the model config it reads, or one line naming the file when the
-    checkpoint's config describes no model this version builds (a missing or unknown field)."""
+    """`build(checkpoint)` -> the model config it reads (or the model it builds), or one line naming
+    the file when the checkpoint's config describes no model this version builds (a missing or
+    unknown field, a value of the wrong type, a size of 0 or less)."""
     try:
         return build(checkpoint)
-    except (KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError,
+            RuntimeError) as e:
         fail(f"{flag} {path}: its config does not describe a model this version builds "
              f"({type(e).__name__}: {e})")
 
@@ -175,12 +182,18 @@ def vqvae_config(checkpoint, sizes):
     the flags of its command line, the original's value for a flag that did not exist yet; for
     the original repo's bare state_dicts, the original model at `sizes` (40 / 512 where absent)."""
     if "model_config" in checkpoint:
-        return VQVAEConfig(**checkpoint["model_config"])
-    flags = checkpoint.get("config")
-    if flags is None:
+        config = VQVAEConfig(**checkpoint["model_config"])
+    elif checkpoint.get("config") is None:
         return original_config_with(hidden_size=sizes.get("hidden_size", 40), k=sizes.get("k", 512))
-    return VQVAEConfig(**{f.name: flags.get(f.name, getattr(ORIGINAL_CONFIG, f.name))
-                          for f in fields(VQVAEConfig)})
+    else:
+        flags = checkpoint["config"]
+        config = VQVAEConfig(**{f.name: flags.get(f.name, getattr(ORIGINAL_CONFIG, f.name))
+                                for f in fields(VQVAEConfig)})
+    for name in ("hidden_size", "k"):  # a size of 0 would build a model of empty layers
+        size = getattr(config, name)
+        if type(size) is not int or size < 1:
+            raise ValueError(f"{name} {size!r} is not a positive integer")
+    return config
 
 
 def load_vqvae(path, device, flag="--model", sizes=None):
@@ -192,9 +205,9 @@ def load_vqvae(path, device, flag="--model", sizes=None):
     config = config_from(lambda c: vqvae_config(c, sizes), checkpoint, flag, path)
     for key, value in sizes.items():
         if value != getattr(config, key):
-            fail(f"--{key.replace('_', '-')} {value} contradicts {flag} {path}, "
+            fail(f"{SIZE_FLAGS[key]} {value} contradicts {flag} {path}, "
                  f"which was trained with {getattr(config, key)}")
-    model = vqvae_from_config(config)
+    model = config_from(lambda _: vqvae_from_config(config), checkpoint, flag, path)
     state_dict = checkpoint["state_dict"]
     if "model_config" not in checkpoint and checkpoint.get("config") is None:  # the original's
         state_dict = with_original_codebook_buffers(state_dict)
@@ -239,7 +252,7 @@ def load_prior(path, device, K):
     if config.k != K:
         fail(f"--prior-model {path} was built for a codebook of K={config.k}, but the VQ-VAE "
              f"has K={K}")
-    prior = prior_from_config(config)
+    prior = config_from(lambda _: prior_from_config(config), checkpoint, "--prior-model", path)
     load_state(prior, checkpoint["state_dict"], "--prior-model", path)
     return prior.to(device).eval()
 
@@ -249,6 +262,6 @@ def load_classifier(path, device):
     checkpoint = load_checkpoint(path, "classifier", "--classifier")
     config = config_from(lambda c: JudgeConfig(**(c.get("model_config") or {
         "arch": c["config"].get("arch", "cnn")})), checkpoint, "--classifier", path)
-    classifier = judge_from_config(config)
+    classifier = config_from(lambda _: judge_from_config(config), checkpoint, "--classifier", path)
     load_state(classifier, checkpoint["state_dict"], "--classifier", path)
     return classifier.to(device).eval()

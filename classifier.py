@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import (ArgumentParser, add_data_and_device_flags, fail, nonnegative_int, positive_float,
-                 positive_int, resolve_device)
+from cli import (ArgumentParser, add_data_and_device_flags, fail, positive_float,
+                 positive_int, resolve_device, seed_int)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
 from judges import JUDGES, JudgeConfig, judge_from_config
 from runs import TrainingRun, add_run_flags, parse_run_args, seed_everything
@@ -65,7 +65,7 @@ def build_parser():
     p.add_argument("--augment", action="store_true",
                    help="train on randomly shifted (up to 2 pixels) and rotated (up to 10 degrees) "
                         "images: the third judge, which sees digits otherwise than the first two")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_run_flags(p, "images", HOLD_OUT)
     return p
 

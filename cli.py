@@ -45,6 +45,10 @@ positive_int = _number(int, lambda v: v > 0, "a positive integer")
 nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 
 
+# numpy's seed, the narrowest of the three generators seed_everything sets, takes 32 bits
+seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer from 0 to 2**32 - 1")
+
+
 positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 
 
@@ -71,6 +75,10 @@ def renamed(new_flag):
     def parse(text):
         raise argparse.ArgumentTypeError(f"renamed: use {new_flag} {text}")
     return parse
+
+
+# `vqvae_sizes`' keys -> the flag that sets each, in errors about them
+SIZE_FLAGS = {"hidden_size": "--hidden-size-vae", "k": "--k"}
 
 
 def add_vqvae_size_flags(parser, *aliases):

@@ -12,6 +12,7 @@ import torch
 
 from checkpoints import half_weights, int8_weights, load_checkpoint, save_checkpoint
 from cli import ArgumentParser, fail
+from files import check_file_to_write
 
 KEPT = ("kind", "model_config", "run_config", "config", "epoch", "step", "metrics")
 FLOAT16_MAX = torch.finfo(torch.float16).max
@@ -38,16 +39,6 @@ def check_weights(state_dict, path):
             fail(f"--model {path}: {name} is not finite, or beyond float16's range")
 
 
-def check_out(path):
-    if os.path.isdir(path):
-        fail(f"--out {path}: is a folder; give a file name")
-    if os.path.lexists(path):
-        fail(f"--out {path}: exists; give a new name or delete it first")
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        fail(f"--out {path}: the folder {folder} does not exist")
-
-
 def largest_change(before, after):
     return max(((before[name].float() - w.float()).abs().max().item()
                 for name, w in after.items() if w.is_floating_point()), default=0.0)
@@ -63,7 +54,7 @@ def main():
     p.add_argument("--int8", action="store_true",
                    help="weights of 2+ dims as int8, one scale per slice of the first dim")
     args = p.parse_args()
-    check_out(args.out)
+    check_file_to_write(args.out, "--out", may_exist=False)
     checkpoint = load_checkpoint(args.model, None)
     check_weights(checkpoint["state_dict"], args.model)
     try:

@@ -53,8 +53,38 @@ def claim_folder(folder):
     return lock
 
 
+# The longest file name `atomic_write` can write: most file systems allow 255 bytes, and its
+# private name adds ".tmp-<pid>-<8 hex>" (at most 24 bytes).
+MAX_NAME_BYTES = 255 - 24
+
+
+def check_file_to_write(path, flag, may_exist=True):
+    """Before any work: `path` can be written as a file (its folder exists and is writable, the name
+    fits; with may_exist=False, nothing is there yet), or stop with one line naming `flag`."""
+    folder = os.path.dirname(path) or "."
+    if not path or os.path.isdir(path):
+        fail(f"{flag} {path!r}: is a folder; give a file name")
+    if not may_exist and os.path.lexists(path):
+        fail(f"{flag} {path}: exists; give a new name or delete it first")
+    if not os.path.isdir(folder):
+        fail(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"{flag} {path}: cannot write in the folder {folder}")
+    if len(os.path.basename(path).encode()) > MAX_NAME_BYTES:
+        fail(f"{flag} {path}: the file name is longer than {MAX_NAME_BYTES} bytes")
+
+
 def make_output_dirs(*paths):
-    """Create output folders, or stop with one line naming the one that cannot be written."""
+    """Create output folders, or stop with one line naming the one that cannot be written. Every
+    path is checked before any is created, so a refusal leaves nothing behind."""
+    for path in paths:
+        existing = path
+        while existing and not os.path.isdir(existing):
+            if os.path.lexists(existing):
+                fail(f"cannot write output folder {path}: {existing} is a file, not a folder")
+            existing = os.path.dirname(existing)
+        if not os.access(existing or ".", os.W_OK | os.X_OK):
+            fail(f"cannot write output folder {path}: {existing or '.'} is not writable")
     for path in paths:
         try:
             os.makedirs(path, exist_ok=True)

@@ -20,10 +20,10 @@ import os
 import torch
 
 from checkpoints import load_prior, load_vqvae, save_checkpoint
-from cli import (ArgumentParser, add_vqvae_size_flags, fail, nonnegative_int, positive_float,
-                 positive_int, resolve_device, vqvae_sizes)
+from cli import (ArgumentParser, add_vqvae_size_flags, fail, positive_float,
+                 positive_int, resolve_device, seed_int, vqvae_sizes)
 from data import MNISTSplit, to_uint8
-from files import make_output_dirs
+from files import MAX_NAME_BYTES, check_file_to_write, make_output_dirs
 from image_grids import save_grid
 from sampling import add_sampler_flags, sample_prior, sampler_options
 
@@ -35,7 +35,7 @@ def build_parser():
     p.add_argument("--device", default="cpu")
     p.add_argument("--filename", default="generated", help="writes generatedImages/<filename>.png")
     p.add_argument("--data-folder", default="data", help="for --input MNIST")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_vqvae_size_flags(p, "--hidden-size")
     g = p.add_argument_group("prior (--input prior)")
     g.add_argument("--prior-model", help="checkpoint written by pixelcnn_prior.py")
@@ -52,11 +52,16 @@ def main():
     args = parser.parse_args()
     if not args.filename or os.sep in args.filename or (os.altsep and os.altsep in args.filename):
         fail(f"--filename {args.filename!r}: expected a plain file name without a path separator")
+    if len(f"{args.filename}.png".encode()) > MAX_NAME_BYTES:
+        fail(f"--filename {args.filename}: longer than a file name can be ({MAX_NAME_BYTES} bytes "
+             f"with .png)")
     if args.input == "prior" and not args.prior_model:
         fail("--input prior needs --prior-model, a checkpoint written by pixelcnn_prior.py")
     if (args.num_samples is None) != (args.samples_out is None) or \
             args.num_samples and args.input != "prior":
         fail("--num-samples and --samples-out go together, with --input prior")
+    if args.samples_out is not None:
+        check_file_to_write(args.samples_out, "--samples-out")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))

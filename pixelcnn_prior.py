@@ -24,7 +24,7 @@ from tqdm import tqdm
 from checkpoints import load_vqvae
 from cli import (ArgumentParser, add_data_and_device_flags, add_vqvae_size_flags, fail, fraction,
                  nonnegative_int, positive_float, positive_int, renamed, resolve_device,
-                 vqvae_sizes)
+                 seed_int, vqvae_sizes)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
 from image_grids import image_grid
 from priors import PRIORS, prior_from_config, saved_config
@@ -84,7 +84,7 @@ def build_parser():
                    "on --resume, the run's)")
     add_data_and_device_flags(p)
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--num-epochs", type=nonnegative_int, default=10)
+    p.add_argument("--num-epochs", type=positive_int, default=10)
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="cosine decays the learning rate to 0 over the run")
@@ -110,7 +110,7 @@ def build_parser():
                    help="checkpoints hold this exponential moving average of the weights; 0: the "
                         "weights themselves")
     p.add_argument("--output-folder", default="prior")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_run_flags(p, "maps", HOLD_OUT)  # --hold-out 0: train on all, best.pt is the last epoch
     add_vqvae_size_flags(p)
     return p

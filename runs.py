@@ -8,6 +8,7 @@ import glob
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 
@@ -215,6 +216,7 @@ class TrainingRun:
         self.run_config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
         self.rank, self.world_size, self.device = rank, world_size, device
         self.epoch = self.step = self.batch_in_epoch = 0
+        self.evaluated = False  # whether the epoch --max-steps ended mid-way was evaluated and saved
         self.best = float("inf")  # the lowest score passed to save_epoch so far
         if checkpoint:
             self._restore(checkpoint, args.resume)
@@ -225,7 +227,8 @@ class TrainingRun:
                          for signum in (signal.SIGINT, signal.SIGTERM)}
         from torch.utils.tensorboard import SummaryWriter   # here: only a run that writes needs it
         self.writer = SummaryWriter(self.log_dir) if rank == 0 else None
-        self.resumed = checkpoint is not None
+        self.resumed, self.resumed_from = checkpoint is not None, args.resume
+        self.data_folder = getattr(args, "data_folder", None)
 
     def __enter__(self):
         return self
@@ -254,13 +257,16 @@ class TrainingRun:
         set_rng_state(checkpoint["rng"], self.shuffle)
         self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
         self.batch_in_epoch = checkpoint.get("batch_in_epoch", 0)
+        self.evaluated = checkpoint.get("evaluated", False)
         # Runs written before the score was saved by one name kept VQ-VAE.py's in the same units;
         # the prior's and the judges' were test-set figures, which no longer choose: start anew.
         self.best = checkpoint.get("best_score", checkpoint.get("best_loss", float("inf")))
 
     def checkpoint(self, metrics=None, epoch_done=True):
         """The checkpoint of this moment: at the end of an epoch, or (epoch_done=False) mid-epoch,
-        where a resume draws the epoch's order again from the shuffle state it started with."""
+        where a resume draws the epoch's order again from the shuffle state it started with and
+        goes on from the next batch; a mid-epoch checkpoint with `metrics` was evaluated (the end
+        of a --max-steps run), one without them (a signal) still owes the evaluation."""
         shuffle_state = self.shuffle.get_state() if epoch_done else self.epoch_shuffle_state
         return {"kind": self.kind, "model_config": self.model_config,
                 "run_config": self.run_config,
@@ -269,23 +275,28 @@ class TrainingRun:
                 "epoch": self.epoch + epoch_done, "batch_in_epoch": 0 if epoch_done else
                 self.batch_in_epoch, "step": self.step,
                 "rng": {**rng_state(self.shuffle), "shuffle": shuffle_state},
+                "evaluated": not epoch_done and metrics is not None,
                 "best_score": self.best, "metrics": metrics}
 
     def epochs(self, num_epochs, steps_per_epoch, total_steps=None):
         """The epochs left, from where a resumed run stopped, until `num_epochs` or `total_steps`."""
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = min(num_epochs * steps_per_epoch, total_steps or float("inf"))
-        # A run stopped by a signal on its last step still owes that epoch's evaluation and save.
-        done = self.epoch >= num_epochs or self.out_of_steps() and not self.batch_in_epoch
-        if self.resumed and done and self.rank == 0:
-            print(f"{self.model_dir}/ is complete: {self.epoch} of {num_epochs} epochs, "
+        if self.resumed and self.finished(num_epochs) and self.rank == 0:
+            print(f"--resume {self.resumed_from} is complete: {self.epoch} of {num_epochs} epochs, "
                   f"{self.step} steps; nothing to train")
         for epoch in range(self.epoch, num_epochs):
-            if self.out_of_steps() and not self.batch_in_epoch:
+            if self.finished(num_epochs):
                 return
             self.epoch_shuffle_state = self.shuffle.get_state()
             yield epoch
             self.epoch, self.batch_in_epoch = epoch + 1, 0
+
+    def finished(self, num_epochs):
+        """All epochs done, or all steps taken and evaluated (a run stopped by a signal on its last
+        step still owes that epoch's evaluation and save)."""
+        return self.epoch >= num_epochs or self.out_of_steps() and (
+            not self.batch_in_epoch or self.evaluated)
 
     def shuffled(self, n):
         """This epoch's order of the n training examples (on the CPU; drawn once per epoch)."""
@@ -341,18 +352,21 @@ class TrainingRun:
         print(f"\n{who}stopped by signal {signum} at step {self.step}", file=sys.stderr)
         self.save("last.pt", self.checkpoint(epoch_done=False))
         if self.rank == 0:
-            print(f"resume with:\n  python {self.script} --resume {self.model_dir}/last.pt",
+            data = f" --data-folder {shlex.quote(self.data_folder)}" if self.data_folder else ""
+            print(f"resume with:\n  python {self.script} --resume {self.model_dir}/last.pt{data}",
                   file=sys.stderr)
         end_distributed(self.world_size)
         sys.exit(128 + signum)
 
     def save_epoch(self, metrics, score, every_epoch=False):
-        """At the end of an epoch (rank 0): best.pt when `score` (lower is better) is the best so
-        far, model_<epoch>.pt too with `every_epoch`, and last.pt."""
+        """At the end of an epoch, or where --max-steps ended it (rank 0): best.pt when `score`
+        (lower is better) is the best so far, model_<epoch>.pt too with `every_epoch`, and last.pt.
+        An epoch ended early is saved as mid-epoch, so that a resume with more steps finishes it."""
+        epoch_done = self.batch_in_epoch >= self.steps_per_epoch
         if score < self.best:
             self.best = score
-            self.save("best.pt", self.checkpoint(metrics))
-        checkpoint = self.checkpoint(metrics)
+            self.save("best.pt", self.checkpoint(metrics, epoch_done))
+        checkpoint = self.checkpoint(metrics, epoch_done)
         if every_epoch:
             self.save(f"model_{self.epoch + 1}.pt", checkpoint)
         self.save("last.pt", checkpoint)

@@ -43,7 +43,7 @@ import torch
 
 from checkpoints import load_checkpoint, load_classifier, load_prior, load_vqvae, run_settings
 from cli import (ArgumentParser, add_vqvae_size_flags, nonnegative_int, positive_float,
-                 positive_int, resolve_device, unit_float, vqvae_sizes)
+                 positive_int, resolve_device, seed_int, unit_float, vqvae_sizes)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, normalize, to_uint8
 from distribution_measures import (frechet_distance, kernel_distance, precision_recall,
                                    two_sample_accuracy)
@@ -105,7 +105,7 @@ def build_parser():
     p.add_argument("--test-subset", type=positive_int, default=None,
                    help="the test images compared with: the first N (default: all 10,000)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seeds", "--seed", type=nonnegative_int, nargs="+", default=[0], metavar="S",
+    p.add_argument("--seeds", "--seed", type=seed_int, nargs="+", default=[0], metavar="S",
                    help="sampling seeds: each sampler draws N samples per seed; figures are also "
                         "averaged over them, and the protocol chooses on the means (the baselines "
                         "use the first)")

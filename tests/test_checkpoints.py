@@ -188,6 +188,30 @@ def test_a_config_this_version_cannot_build_is_refused_in_one_line(tmp_path):
     assert_clean_failure(result, "old_prior.pt", "num_layers")
 
 
+@pytest.mark.parametrize("junk", [{"quantizer": "foo"}, {"k": 0}, {"hidden_size": 0},
+                                  {"hidden_size": -3}, {"hidden_size": "40"},
+                                  {"state_dict": [1, 2]}, {"kind": ["vqvae"]}])
+def test_a_checkpoint_with_junk_values_is_refused_in_one_line(trained_run, tmp_path, junk):
+    """Values no model can have, in a file's config or in place of its weights: one line naming the
+    file, as for a missing field."""
+    cwd, _ = trained_run
+    checkpoint = torch.load(cwd / "models" / "tiny" / "best.pt", weights_only=True)
+    for key, value in junk.items():
+        if key in checkpoint:
+            checkpoint[key] = value
+        else:
+            checkpoint["model_config"][key] = value
+    save_checkpoint(str(tmp_path / "junk.pt"), checkpoint)
+    result = run("evaluate.py", "--model", "junk.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "junk.pt")
+
+
+def test_a_size_that_contradicts_the_checkpoint_names_the_flag_typed(tmp_path):
+    result = run("evaluate.py", "--model", PRETRAINED_VQVAE, "--hidden-size-vae", 64, cwd=tmp_path,
+                 check=False)
+    assert_clean_failure(result, "--hidden-size-vae 64", "trained with 40")
+
+
 def test_export_checkpoint_shares_weights_without_the_training_state(tmp_path, trained_prior):
     """export_checkpoint.py: float16 and int8 (one scale per output channel) files of a prior's
     best.pt load as that prior, with logits within each format's rounding, and cannot be

@@ -22,7 +22,7 @@ def test_generate_writes_a_grid(trained_run, data_folder, source):
 
 
 @pytest.mark.parametrize("case", ["input", "missing", "not_checkpoint", "other_sizes", "filename",
-                                  "empty_filename", "empty_file"])
+                                  "empty_filename", "long_filename", "empty_file", "seed"])
 def test_generate_rejects_bad_input(trained_run, tmp_path, case):
     cwd, _ = trained_run
     model = str(cwd / "models" / "tiny" / "best.pt")
@@ -36,6 +36,8 @@ def test_generate_rejects_bad_input(trained_run, tmp_path, case):
         "other_sizes": (["--model", model, "--k", "64"], "--k"),
         "filename": (["--model", model, "--filename", "a/b"], "--filename"),
         "empty_filename": (["--model", model, "--filename", ""], "--filename"),
+        "long_filename": (["--model", model, "--filename", "x" * 300], "--filename"),
+        "seed": (["--model", model, "--seed", str(2 ** 64)], "--seed"),
     }[case]
     result = run("generate.py", *args, cwd=tmp_path, check=False)
     assert_clean_failure(result, word)
@@ -73,7 +75,8 @@ def test_generate_digit_draws_that_digit(tmp_path, data_folder):
 
 @pytest.mark.parametrize("case", ["missing", "digit", "temperature", "other_k", "vqvae_as_prior",
                                   "guidance_without_null_label", "keep_without_null_label", "top_p",
-                                  "guidance_interval", "per_digit_scales", "per_digit_negative"])
+                                  "guidance_interval", "per_digit_scales", "per_digit_negative",
+                                  "samples_out_no_folder", "samples_out_folder"])
 def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
     cwd, _ = trained_prior
     vqvae, prior = str(cwd / "models/tiny/best.pt"), str(cwd / "models/prior/best.pt")
@@ -105,10 +108,15 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
                              ["--guidance-scale", "ten comma-separated", "got 2"]),
         "per_digit_negative": (["--prior-model", prior, "--guidance-scale", "1,1,1,1,1,1,1,1,1,-2"],
                                ["--guidance-scale", ">= 0", "'-2'"]),
+        "samples_out_no_folder": (["--prior-model", prior, "--num-samples", "5", "--samples-out",
+                                   "nowhere/x.pt"], ["--samples-out", "does not exist"]),
+        "samples_out_folder": (["--prior-model", prior, "--num-samples", "5", "--samples-out", "."],
+                               ["--samples-out", "is a folder"]),
     }[case]
     result = run("generate.py", "--model", vqvae, "--input", "prior", *args, cwd=tmp_path,
                  check=False)
     assert_clean_failure(result, *words)
+    assert not (tmp_path / "generatedImages").exists()  # refused before anything is drawn
 
 
 def test_generate_guides_by_default_only_priors_that_can_be_guided(trained_prior, tmp_path,

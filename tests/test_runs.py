@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import (CLASSIFIER, REPO, TINY, assert_clean_failure,
+from conftest import (CLASSIFIER, CONSTANT_LR, REPO, TINY, assert_clean_failure,
                       assert_same_weights, interrupt_then_resume, prior_flags, run, run_files,
                       signal_run_flags)
 
@@ -37,6 +37,24 @@ def test_resume_after_an_epoch_is_bit_identical(trained_run, tmp_path, data_fold
     assert_same_weights(cwd / "models" / "tiny" / "last.pt", tmp_path / "models" / "tiny" / "last.pt")
     assert_same_weights(cwd / "models" / "tiny" / "model_2.pt",
                         tmp_path / "models" / "tiny" / "model_2.pt")
+
+
+def test_max_steps_mid_epoch_then_more_steps_is_bit_identical(trained_run, tmp_path, data_folder):
+    """--max-steps 10 ends epoch 1 (16 steps) mid-way: evaluated and saved as mid-epoch, so a
+    resume with the same steps has nothing to train and one with all 32 finishes epoch 1 and ends
+    where the shared 2-epoch run did, rather than skipping the rest of epoch 1."""
+    cwd, _ = trained_run
+    flags = ["--output-folder", "tiny", "--data-folder", data_folder, "--num-epochs", "2", *TINY,
+             *CONSTANT_LR]
+    run("VQ-VAE.py", *flags, "--max-steps", "10", cwd=tmp_path)
+    cut = torch.load(tmp_path / "models" / "tiny" / "last.pt", weights_only=True)
+    assert (cut["epoch"], cut["batch_in_epoch"], cut["step"], cut["evaluated"]) == (0, 10, 10, True)
+    result = run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--data-folder", data_folder,
+                 cwd=tmp_path)
+    assert "is complete: 0 of 2 epochs, 10 steps" in result.stdout
+    run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--max-steps", "32", "--data-folder",
+        data_folder, cwd=tmp_path)
+    assert_same_weights(cwd / "models" / "tiny" / "last.pt", tmp_path / "models" / "tiny" / "last.pt")
 
 
 def test_signal_saves_last_and_resume_is_bit_identical(uninterrupted_run, tmp_path, data_folder,

@@ -47,6 +47,8 @@ def test_tensorboard_tags(trained_run):
     (["--hidden-size", "-4"], "--hidden-size"),
     (["--batch-size", "0"], "--batch-size"),
     (["--num-epochs", "-1"], "--num-epochs"),
+    (["--num-epochs", "0"], "--num-epochs"),
+    (["--seed", str(2 ** 32)], "--seed"),
     (["--lr", "0"], "--lr"),
     (["--lr", "nan"], "--lr"),
     (["--beta", "0"], "--beta"),
@@ -69,10 +71,13 @@ def test_training_rejects_bad_flags(tmp_path, data_folder, args, word):
 
 
 def test_training_rejects_unwritable_output(tmp_path, data_folder):
+    """A file where a run folder should be: one line, the file kept, and no other folder made
+    (logs/<name> is checked with models/<name> before either is created)."""
     (tmp_path / "models").write_text("a file where the models folder should be")
     result = run("VQ-VAE.py", "--data-folder", data_folder, *TINY, cwd=tmp_path, check=False)
-    assert_clean_failure(result, "models")
+    assert_clean_failure(result, "models", "is a file")
     assert (tmp_path / "models").read_text().startswith("a file")
+    assert not (tmp_path / "logs").exists()
 
 
 def test_same_seed_on_the_original_pipeline_trains_bit_identically(trained_run, tmp_path, data_folder):
