@@ -58,7 +58,7 @@ def load_checkpoint(path, kind, flag="--model"):
             return {"kind": "vqvae", "state_dict": checkpoint, "config": None}
         fail(f"{flag} {path}: not a checkpoint of this repo (no 'state_dict')")
     if not isinstance(checkpoint["state_dict"], dict):
-        fail(f"{flag} {path}: its state_dict is not a dict of tensors")
+        fail(f"{flag} {path}: its state_dict is not a dict")
     found = checkpoint.get("kind", "vqvae")
     if not isinstance(found, str):
         fail(f"{flag} {path}: its kind {found!r} is not a name; expected one of "

@@ -43,7 +43,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from checkpoints import load_checkpoint
-from cli import ArgumentParser, add_data_and_device_flags, fail, nonnegative_int, positive_int
+from cli import (ArgumentParser, add_data_and_device_flags, fail, nonnegative_int, positive_int,
+                 seed_int)
 from files import atomic_write, claim_folder
 from modules import ORIGINAL_CONFIG
 
@@ -263,7 +264,7 @@ def draw(rows, path):
 def main():
     p = ArgumentParser(prog="compare_quantizers.py", description="Every quantizer, several seeds.")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=nonnegative_int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2])
     p.add_argument("--num-epochs", type=positive_int, default=10)
     p.add_argument("--report-only", action="store_true", help="train nothing; report finished runs")
     p.add_argument("--figure", default=os.path.join(REPO, "readme_images", "quantizers.png"))

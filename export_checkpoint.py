@@ -12,7 +12,7 @@ import torch
 
 from checkpoints import half_weights, int8_weights, load_checkpoint, save_checkpoint
 from cli import ArgumentParser, fail
-from files import check_file_to_write
+from files import check_file_to_write, make_output_dirs
 
 KEPT = ("kind", "model_config", "run_config", "config", "epoch", "step", "metrics")
 FLOAT16_MAX = torch.finfo(torch.float16).max
@@ -57,6 +57,7 @@ def main():
     check_file_to_write(args.out, "--out", may_exist=False)
     checkpoint = load_checkpoint(args.model, None)
     check_weights(checkpoint["state_dict"], args.model)
+    make_output_dirs(os.path.dirname(args.out) or ".")
     try:
         save_checkpoint(args.out, exported(checkpoint, args.int8))
     except OSError as e:

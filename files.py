@@ -58,19 +58,30 @@ def claim_folder(folder):
 MAX_NAME_BYTES = 255 - 24
 
 
+def check_folder(path, problem):
+    """Whether folder `path` exists or can be created and is writable, before anything is made;
+    else one line: `problem` (what cannot be written), and why."""
+    existing = path
+    while existing and not os.path.isdir(existing):
+        if os.path.lexists(existing):
+            fail(f"{problem}: {existing} is a file, not a folder")
+        existing = os.path.dirname(existing)
+    if not os.access(existing or ".", os.W_OK | os.X_OK):
+        fail(f"{problem}: {existing or '.'} is not writable")
+
+
 def check_file_to_write(path, flag, may_exist=True):
-    """Before any work: `path` can be written as a file (its folder exists and is writable, the name
-    fits; with may_exist=False, nothing is there yet), or stop with one line naming `flag`."""
-    folder = os.path.dirname(path) or "."
-    if not path or os.path.isdir(path):
-        fail(f"{flag} {path!r}: is a folder; give a file name")
+    """Before any work: `path` can be written as a file (its folder exists or can be made, and is
+    writable; the name fits; with may_exist=False, nothing is there yet), or stop with one line
+    naming `flag`."""
+    if not path:
+        fail(f"{flag} '': expected a file name")
+    if os.path.isdir(path):
+        fail(f"{flag} {path}: is a folder; give a file name")
     if not may_exist and os.path.lexists(path):
         fail(f"{flag} {path}: exists; give a new name or delete it first")
-    if not os.path.isdir(folder):
-        fail(f"{flag} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        fail(f"{flag} {path}: cannot write in the folder {folder}")
-    if len(os.path.basename(path).encode()) > MAX_NAME_BYTES:
+    check_folder(os.path.dirname(path), f"{flag} {path}: cannot write it")
+    if len(os.fsencode(os.path.basename(path))) > MAX_NAME_BYTES:
         fail(f"{flag} {path}: the file name is longer than {MAX_NAME_BYTES} bytes")
 
 
@@ -78,13 +89,7 @@ def make_output_dirs(*paths):
     """Create output folders, or stop with one line naming the one that cannot be written. Every
     path is checked before any is created, so a refusal leaves nothing behind."""
     for path in paths:
-        existing = path
-        while existing and not os.path.isdir(existing):
-            if os.path.lexists(existing):
-                fail(f"cannot write output folder {path}: {existing} is a file, not a folder")
-            existing = os.path.dirname(existing)
-        if not os.access(existing or ".", os.W_OK | os.X_OK):
-            fail(f"cannot write output folder {path}: {existing or '.'} is not writable")
+        check_folder(path, f"cannot write output folder {path}")
     for path in paths:
         try:
             os.makedirs(path, exist_ok=True)

@@ -23,7 +23,7 @@ from checkpoints import load_prior, load_vqvae, save_checkpoint
 from cli import (ArgumentParser, add_vqvae_size_flags, fail, positive_float,
                  positive_int, resolve_device, seed_int, vqvae_sizes)
 from data import MNISTSplit, to_uint8
-from files import MAX_NAME_BYTES, check_file_to_write, make_output_dirs
+from files import check_file_to_write, make_output_dirs
 from image_grids import save_grid
 from sampling import add_sampler_flags, sample_prior, sampler_options
 
@@ -52,9 +52,7 @@ def main():
     args = parser.parse_args()
     if not args.filename or os.sep in args.filename or (os.altsep and os.altsep in args.filename):
         fail(f"--filename {args.filename!r}: expected a plain file name without a path separator")
-    if len(f"{args.filename}.png".encode()) > MAX_NAME_BYTES:
-        fail(f"--filename {args.filename}: longer than a file name can be ({MAX_NAME_BYTES} bytes "
-             f"with .png)")
+    check_file_to_write(os.path.join("generatedImages", f"{args.filename}.png"), "--filename")
     if args.input == "prior" and not args.prior_model:
         fail("--input prior needs --prior-model, a checkpoint written by pixelcnn_prior.py")
     if (args.num_samples is None) != (args.samples_out is None) or \
@@ -91,6 +89,7 @@ def main():
     save_grid(generated, path)
     print(f"wrote {path}")
     if args.num_samples:
+        make_output_dirs(os.path.dirname(args.samples_out) or ".")
         save_checkpoint(args.samples_out, samples)
         print(f"wrote {args.samples_out}: {tuple(samples.shape)} uint8")
 

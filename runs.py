@@ -228,7 +228,6 @@ class TrainingRun:
         from torch.utils.tensorboard import SummaryWriter   # here: only a run that writes needs it
         self.writer = SummaryWriter(self.log_dir) if rank == 0 else None
         self.resumed, self.resumed_from = checkpoint is not None, args.resume
-        self.data_folder = getattr(args, "data_folder", None)
 
     def __enter__(self):
         return self
@@ -352,8 +351,10 @@ class TrainingRun:
         print(f"\n{who}stopped by signal {signum} at step {self.step}", file=sys.stderr)
         self.save("last.pt", self.checkpoint(epoch_done=False))
         if self.rank == 0:
-            data = f" --data-folder {shlex.quote(self.data_folder)}" if self.data_folder else ""
-            print(f"resume with:\n  python {self.script} --resume {self.model_dir}/last.pt{data}",
+            # a resume takes every setting from the checkpoint except where the data and device are
+            local = "".join(f" --{key.replace('_', '-')} {shlex.quote(str(self.run_config[key]))}"
+                            for key in ("data_folder", "device") if self.run_config.get(key))
+            print(f"resume with:\n  python {self.script} --resume {self.model_dir}/last.pt{local}",
                   file=sys.stderr)
         end_distributed(self.world_size)
         sys.exit(128 + signum)

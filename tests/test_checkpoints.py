@@ -281,7 +281,7 @@ def test_export_checkpoint_keeps_a_vqvae_and_an_original_state_dict(tmp_path, tr
     broken["decoder.3.weight"] = broken["decoder.3.weight"] / 0.0
     torch.save(broken, str(tmp_path / "inf.pt"))
     for args, words in ((["--model", "inf.pt", "--out", "x.pt"], ["inf.pt", "not finite"]),
-                        (["--model", best, "--out", "no/x.pt"], ["no/x.pt", "does not exist"])):
+                        (["--model", best, "--out", "inf.pt/y.pt"], ["inf.pt/y.pt", "is a file"])):
         result = run("export_checkpoint.py", *args, cwd=tmp_path, check=False)
         assert_clean_failure(result, *words)
-    assert not os.path.exists(tmp_path / "x.pt") and not os.path.exists(tmp_path / "no")
+    assert not os.path.exists(tmp_path / "x.pt") and os.path.isfile(tmp_path / "inf.pt")

@@ -49,10 +49,10 @@ def test_generate_from_prior(trained_prior):
     run("generate.py", "--model", "models/tiny/best.pt", "--input", "prior", "--prior-model",
         "models/prior/best.pt", "--filename", "prior", "--temperature", "0.8",
         "--guidance-scale", "2", "--top-k", "8", "--top-p", "0.9",
-        "--num-samples", "30", "--samples-out", "samples.pt", cwd=cwd)
+        "--num-samples", "30", "--samples-out", "new/samples.pt", cwd=cwd)  # makes new/
     image = np.asarray(Image.open(cwd / "generatedImages" / "prior.png").convert("L"))
     assert image.shape == (302, 302) and image.std() > 10
-    samples = torch.load(cwd / "samples.pt", weights_only=True)
+    samples = torch.load(cwd / "new" / "samples.pt", weights_only=True)
     assert samples.shape == (30, 1, 28, 28) and samples.dtype == torch.uint8
 
 
@@ -76,10 +76,11 @@ def test_generate_digit_draws_that_digit(tmp_path, data_folder):
 @pytest.mark.parametrize("case", ["missing", "digit", "temperature", "other_k", "vqvae_as_prior",
                                   "guidance_without_null_label", "keep_without_null_label", "top_p",
                                   "guidance_interval", "per_digit_scales", "per_digit_negative",
-                                  "samples_out_no_folder", "samples_out_folder"])
+                                  "samples_out_under_a_file", "samples_out_folder"])
 def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
     cwd, _ = trained_prior
     vqvae, prior = str(cwd / "models/tiny/best.pt"), str(cwd / "models/prior/best.pt")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
     if case in ("other_k", "guidance_without_null_label", "keep_without_null_label"):
         other = tmp_path / "other.pt"
         checkpoint = torch.load(prior, weights_only=True)
@@ -108,8 +109,8 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
                              ["--guidance-scale", "ten comma-separated", "got 2"]),
         "per_digit_negative": (["--prior-model", prior, "--guidance-scale", "1,1,1,1,1,1,1,1,1,-2"],
                                ["--guidance-scale", ">= 0", "'-2'"]),
-        "samples_out_no_folder": (["--prior-model", prior, "--num-samples", "5", "--samples-out",
-                                   "nowhere/x.pt"], ["--samples-out", "does not exist"]),
+        "samples_out_under_a_file": (["--prior-model", prior, "--num-samples", "5", "--samples-out",
+                                      "notes.txt/x.pt"], ["--samples-out", "is a file"]),
         "samples_out_folder": (["--prior-model", prior, "--num-samples", "5", "--samples-out", "."],
                                ["--samples-out", "is a folder"]),
     }[case]

@@ -69,7 +69,7 @@ def test_signal_saves_last_and_resume_is_bit_identical(uninterrupted_run, tmp_pa
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signum, stderr[-2000:]
-    assert "--resume models/cut/last.pt" in stderr
+    assert f"--resume models/cut/last.pt --data-folder {data_folder} --device cpu" in stderr
     cut = torch.load(tmp_path / "models" / "cut" / "last.pt", weights_only=True)
     assert 0 < cut["step"] < 32  # stopped mid-run, after finishing a step
     run("VQ-VAE.py", "--resume", "models/cut/last.pt", "--data-folder", data_folder, cwd=tmp_path)
