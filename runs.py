@@ -282,8 +282,9 @@ class TrainingRun:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = min(num_epochs * steps_per_epoch, total_steps or float("inf"))
         if self.resumed and self.finished(num_epochs) and self.rank == 0:
+            limit = "" if self.epoch >= num_epochs else f" (its --max-steps {self.total_steps})"
             print(f"--resume {self.resumed_from} is complete: {self.epoch} of {num_epochs} epochs, "
-                  f"{self.step} steps; nothing to train")
+                  f"{self.step} steps{limit}; nothing to train")
         for epoch in range(self.epoch, num_epochs):
             if self.finished(num_epochs):
                 return
