@@ -227,7 +227,7 @@ class TrainingRun:
                          for signum in (signal.SIGINT, signal.SIGTERM)}
         from torch.utils.tensorboard import SummaryWriter   # here: only a run that writes needs it
         self.writer = SummaryWriter(self.log_dir) if rank == 0 else None
-        self.resumed, self.resumed_from = checkpoint is not None, args.resume
+        self.resumed_from = args.resume  # set exactly when `checkpoint` is (parse_run_args)
 
     def __enter__(self):
         return self
@@ -281,7 +281,7 @@ class TrainingRun:
         """The epochs left, from where a resumed run stopped, until `num_epochs` or `total_steps`."""
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = min(num_epochs * steps_per_epoch, total_steps or float("inf"))
-        if self.resumed and self.finished(num_epochs) and self.rank == 0:
+        if self.resumed_from and self.finished(num_epochs) and self.rank == 0:
             limit = "" if self.epoch >= num_epochs else f" (its --max-steps {self.total_steps})"
             print(f"--resume {self.resumed_from} is complete: {self.epoch} of {num_epochs} epochs, "
                   f"{self.step} steps{limit}; nothing to train")
