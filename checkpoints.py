@@ -38,7 +38,8 @@ def load_checkpoint(path, kind, flag="--model"):
     float32 (`float_weights`).
     Returns the checkpoint dict ({'state_dict': ..., 'config': None} for an original-style bare
     state_dict).
-    Every failure is one line naming the flag and file, exit 2."""
+    Every failure is one line naming the flag and file, exit 2, including weights holding NaN or
+    infinity (training stops before it would save such weights, so only a damaged file has them)."""
     if not os.path.isfile(path):
         fail(f"{flag} {path}: no such file")
     try:
@@ -55,7 +56,7 @@ def load_checkpoint(path, kind, flag="--model"):
     if "state_dict" not in checkpoint:
         if kind in ("vqvae", None) and all(isinstance(v, torch.Tensor)
                                            for v in checkpoint.values()):
-            return {"kind": "vqvae", "state_dict": checkpoint, "config": None}
+            return {"kind": "vqvae", "state_dict": finite(checkpoint, flag, path), "config": None}
         fail(f"{flag} {path}: not a checkpoint of this repo (no 'state_dict')")
     if not isinstance(checkpoint["state_dict"], dict):
         fail(f"{flag} {path}: its state_dict is not a dict")
@@ -73,7 +74,19 @@ def load_checkpoint(path, kind, flag="--model"):
     if "int8_scales" in checkpoint:
         checkpoint["state_dict"] = float_weights(checkpoint["state_dict"],
                                                  checkpoint.pop("int8_scales"), flag, path)
+    finite(checkpoint["state_dict"], flag, path)
     return checkpoint
+
+
+def finite(state_dict, flag, path):
+    """state_dict, or one line naming its first floating tensor that holds NaN or infinity: such
+    weights would draw a blank grid or score NaN instead of failing."""
+    bad = next((name for name, w in state_dict.items() if isinstance(w, torch.Tensor) and
+                w.is_floating_point() and not torch.isfinite(w).all()), None)
+    if bad is not None:
+        fail(f"{flag} {path}: weight {bad} holds NaN or infinite values (a damaged file or a "
+             f"diverged run); refused")
+    return state_dict
 
 
 def int8_weights(state_dict):

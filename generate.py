@@ -44,6 +44,7 @@ def build_parser():
     add_sampler_flags(g)
     g.add_argument("--num-samples", type=positive_int, default=None)
     g.add_argument("--samples-out", default=None, help="FILE.pt for the --num-samples samples")
+    p.prior_only = g._group_actions  # argparse keeps a group's actions only privately
     return p
 
 
@@ -60,6 +61,10 @@ def main():
         fail("--num-samples and --samples-out go together, with --input prior")
     if args.samples_out is not None:
         check_file_to_write(args.samples_out, "--samples-out")
+    ignored = [a.option_strings[0] for a in parser.prior_only if getattr(args, a.dest) != a.default]
+    if args.input != "prior" and ignored:  # a flag with no effect must not pass for one obeyed
+        fail(f"{ignored[0]} applies to --input prior only; --input {args.input} draws no samples "
+             f"from a prior")
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))

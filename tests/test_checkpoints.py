@@ -206,6 +206,28 @@ def test_a_checkpoint_with_junk_values_is_refused_in_one_line(trained_run, tmp_p
     assert_clean_failure(result, "junk.pt")
 
 
+def test_weights_holding_nan_or_infinity_are_refused_in_one_line(tmp_path):
+    """A damaged file whose weights hold NaN or infinity (training never saves them) would draw a
+    blank grid or score NaN: every loader refuses it, naming the file and the weight, also in an
+    original-style bare state_dict and through an int8 file's scales."""
+    checkpoint = torch.load(PRETRAINED_VQVAE, weights_only=True)
+    checkpoint["state_dict"]["decoder.6.weight"].view(-1)[5] = float("nan")
+    save_checkpoint(str(tmp_path / "nan.pt"), checkpoint)
+    bare = {k: v.clone() for k, v in checkpoint["state_dict"].items()}
+    bare["decoder.6.weight"].view(-1)[5] = float("inf")
+    save_checkpoint(str(tmp_path / "bare.pt"), bare)
+    prior = torch.load(os.path.join(PRETRAINED, "prior_mnist.pt"), weights_only=True)
+    next(iter(prior["int8_scales"].values()))[0] = float("nan")
+    save_checkpoint(str(tmp_path / "prior.pt"), prior)
+    for script, flags, name in (("evaluate.py", ["--model", "nan.pt"], "nan.pt"),
+                                ("generate.py", ["--model", "bare.pt"], "bare.pt"),
+                                ("generate.py", ["--model", PRETRAINED_VQVAE, "--input", "prior",
+                                                 "--prior-model", "prior.pt"], "prior.pt")):
+        result = run(script, *flags, cwd=tmp_path, check=False)
+        assert_clean_failure(result, name, "NaN or infinite")
+    assert not os.path.exists(tmp_path / "generatedImages")
+
+
 def test_a_size_that_contradicts_the_checkpoint_names_the_flag_typed(tmp_path):
     result = run("evaluate.py", "--model", PRETRAINED_VQVAE, "--hidden-size-vae", 64, cwd=tmp_path,
                  check=False)

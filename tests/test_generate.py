@@ -22,7 +22,8 @@ def test_generate_writes_a_grid(trained_run, data_folder, source):
 
 
 @pytest.mark.parametrize("case", ["input", "missing", "not_checkpoint", "other_sizes", "filename",
-                                  "empty_filename", "long_filename", "empty_file", "seed"])
+                                  "empty_filename", "long_filename", "empty_file", "seed",
+                                  "digit_without_prior", "prior_model_without_prior"])
 def test_generate_rejects_bad_input(trained_run, tmp_path, case):
     cwd, _ = trained_run
     model = str(cwd / "models" / "tiny" / "best.pt")
@@ -38,6 +39,11 @@ def test_generate_rejects_bad_input(trained_run, tmp_path, case):
         "empty_filename": (["--model", model, "--filename", ""], "--filename"),
         "long_filename": (["--model", model, "--filename", "x" * 300], "--filename"),
         "seed": (["--model", model, "--seed", str(2 ** 64)], "--seed"),
+        # a prior's flag would be ignored by a grid that samples no prior
+        "digit_without_prior": (["--model", model, "--input", "random", "--digit", "3"],
+                                "--digit applies to --input prior only"),
+        "prior_model_without_prior": (["--model", model, "--prior-model", "notes.pt",
+                                       "--guidance-scale", "2"], "--prior-model"),
     }[case]
     result = run("generate.py", *args, cwd=tmp_path, check=False)
     assert_clean_failure(result, word)
