@@ -36,13 +36,14 @@ def check_run_name(name, resume, overwrite):
              f"--resume {model_dir}/last.pt to continue it or --overwrite to start over")
 
 
-def prepare_run_folders(name, resume, overwrite, rank=0):
+def prepare_run_folders(name, resume, overwrite, rank=0, create=True):
     """logs/<name> and models/<name>, created and claimed by rank 0 (`claim_folder`: one run at a
     time writes there, so two runs started at once under one name cannot both pass the check
     below and overwrite each other); `check_run_name` runs again under the claim. --overwrite then
-    deletes the earlier run's checkpoints and event files. -> (log_dir, model_dir, the claim)."""
+    deletes the earlier run's checkpoints and event files. -> (log_dir, model_dir, the claim);
+    with create=False (a --resume with nothing left to train) only the names, and no claim."""
     log_dir, model_dir = os.path.join("logs", name), os.path.join("models", name)
-    if rank != 0:
+    if rank != 0 or not create:
         return log_dir, model_dir, None
     make_output_dirs(log_dir, model_dir)
     claim = claim_folder(model_dir)
@@ -220,13 +221,16 @@ class TrainingRun:
         self.best = float("inf")  # the lowest score passed to save_epoch so far
         if checkpoint:
             self._restore(checkpoint, args.resume)
+        # a --resume with nothing left to train writes nothing, not even empty run folders
+        self.complete = bool(checkpoint) and self.finished(args.num_epochs,
+                                                           getattr(args, "max_steps", None))
         self.log_dir, self.model_dir, self.claim = prepare_run_folders(
-            args.output_folder, args.resume, args.overwrite, rank)
+            args.output_folder, args.resume, args.overwrite, rank, create=not self.complete)
         self.signals, self.pending = [], []
         self.handlers = {signum: signal.signal(signum, self._request_stop)
                          for signum in (signal.SIGINT, signal.SIGTERM)}
         from torch.utils.tensorboard import SummaryWriter   # here: only a run that writes needs it
-        self.writer = SummaryWriter(self.log_dir) if rank == 0 else None
+        self.writer = SummaryWriter(self.log_dir) if rank == 0 and not self.complete else None
         self.resumed_from = args.resume  # set exactly when `checkpoint` is (parse_run_args)
 
     def __enter__(self):
@@ -281,22 +285,24 @@ class TrainingRun:
         """The epochs left, from where a resumed run stopped, until `num_epochs` or `total_steps`."""
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = min(num_epochs * steps_per_epoch, total_steps or float("inf"))
-        if self.resumed_from and self.finished(num_epochs) and self.rank == 0:
-            limit = "" if self.epoch >= num_epochs else f" (its --max-steps {self.total_steps})"
-            print(f"--resume {self.resumed_from} is complete: {self.epoch} of {num_epochs} epochs, "
-                  f"{self.step} steps{limit}; nothing to train")
+        if self.complete:
+            if self.rank == 0:
+                limit = "" if self.epoch >= num_epochs else f" (its --max-steps {self.total_steps})"
+                print(f"--resume {self.resumed_from} is complete: {self.epoch} of {num_epochs} "
+                      f"epochs, {self.step} steps{limit}; nothing to train, nothing written")
+            return
         for epoch in range(self.epoch, num_epochs):
-            if self.finished(num_epochs):
+            if self.finished(num_epochs, self.total_steps):
                 return
             self.epoch_shuffle_state = self.shuffle.get_state()
             yield epoch
             self.epoch, self.batch_in_epoch = epoch + 1, 0
 
-    def finished(self, num_epochs):
-        """All epochs done, or all steps taken and evaluated (a run stopped by a signal on its last
-        step still owes that epoch's evaluation and save)."""
-        return self.epoch >= num_epochs or self.out_of_steps() and (
-            not self.batch_in_epoch or self.evaluated)
+    def finished(self, num_epochs, total_steps):
+        """All epochs done, or all `total_steps` (None: no limit) taken and evaluated (a run
+        stopped by a signal on its last step still owes that epoch's evaluation and save)."""
+        return self.epoch >= num_epochs or total_steps is not None and \
+            self.step >= total_steps and (not self.batch_in_epoch or self.evaluated)
 
     def shuffled(self, n):
         """This epoch's order of the n training examples (on the CPU; drawn once per epoch)."""
@@ -363,13 +369,14 @@ class TrainingRun:
     def save_epoch(self, metrics, score, every_epoch=False):
         """At the end of an epoch, or where --max-steps ended it (rank 0): best.pt when `score`
         (lower is better) is the best so far, model_<epoch>.pt too with `every_epoch`, and last.pt.
-        An epoch ended early is saved as mid-epoch, so that a resume with more steps finishes it."""
+        An epoch ended early is saved as mid-epoch, so that a resume with more steps finishes it,
+        and only in best.pt and last.pt: model_<epoch>.pt holds whole epochs."""
         epoch_done = self.batch_in_epoch >= self.steps_per_epoch
         if score < self.best:
             self.best = score
             self.save("best.pt", self.checkpoint(metrics, epoch_done))
         checkpoint = self.checkpoint(metrics, epoch_done)
-        if every_epoch:
+        if every_epoch and epoch_done:
             self.save(f"model_{self.epoch + 1}.pt", checkpoint)
         self.save("last.pt", checkpoint)
 

@@ -59,6 +59,7 @@ def test_committed_checkpoints_load_and_resume(tmp_path, data_folder):
     result = run("VQ-VAE.py", "--resume", os.path.join(PRETRAINED, "vqvae_mnist.pt"),
                  "--output-folder", "committed", "--data-folder", data_folder, cwd=tmp_path)
     assert "is complete: 10 of 10 epochs" in result.stdout
+    assert not os.path.exists(tmp_path / "models") and not os.path.exists(tmp_path / "logs")
 
 
 def test_checkpoints_keep_the_model_apart_from_the_command_line(trained_prior, trained_classifier):

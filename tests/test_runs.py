@@ -35,6 +35,8 @@ def test_resume_after_an_epoch_is_bit_identical(trained_run, tmp_path, data_fold
     run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--num-epochs", "2",
         "--data-folder", data_folder, cwd=tmp_path)
     assert_same_weights(cwd / "models" / "tiny" / "last.pt", tmp_path / "models" / "tiny" / "last.pt")
+    assert_same_weights(cwd / "models" / "tiny" / "model_1.pt",
+                        tmp_path / "models" / "tiny" / "model_1.pt")  # the whole epoch 1
     assert_same_weights(cwd / "models" / "tiny" / "model_2.pt",
                         tmp_path / "models" / "tiny" / "model_2.pt")
 
@@ -49,12 +51,17 @@ def test_max_steps_mid_epoch_then_more_steps_is_bit_identical(trained_run, tmp_p
     run("VQ-VAE.py", *flags, "--max-steps", "10", cwd=tmp_path)
     cut = torch.load(tmp_path / "models" / "tiny" / "last.pt", weights_only=True)
     assert (cut["epoch"], cut["batch_in_epoch"], cut["step"], cut["evaluated"]) == (0, 10, 10, True)
+    assert run_files(tmp_path / "models" / "tiny") == ["best.pt", "last.pt"]  # no model_1.pt yet
+    logs = sorted(os.listdir(tmp_path / "logs" / "tiny"))
     result = run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--data-folder", data_folder,
                  cwd=tmp_path)
     assert "is complete: 0 of 2 epochs, 10 steps" in result.stdout
+    assert sorted(os.listdir(tmp_path / "logs" / "tiny")) == logs  # no new event file
     run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--max-steps", "32", "--data-folder",
         data_folder, cwd=tmp_path)
     assert_same_weights(cwd / "models" / "tiny" / "last.pt", tmp_path / "models" / "tiny" / "last.pt")
+    assert_same_weights(cwd / "models" / "tiny" / "model_1.pt",
+                        tmp_path / "models" / "tiny" / "model_1.pt")  # the whole epoch 1
 
 
 def test_signal_saves_last_and_resume_is_bit_identical(uninterrupted_run, tmp_path, data_folder,
