@@ -29,14 +29,15 @@ def exported(checkpoint, int8):
 
 
 def check_weights(state_dict, path):
-    """One line naming the first entry that is not a tensor, or not finite in float16."""
+    """One line naming the first entry that is not a tensor, or beyond float16's range (the
+    loader has already refused NaN and infinity)."""
     if not isinstance(state_dict, dict):
         fail(f"--model {path}: its state_dict is not a dict of tensors")
     for name, w in state_dict.items():
         if not isinstance(w, torch.Tensor):
             fail(f"--model {path}: {name} is not a tensor")
         if w.is_floating_point() and not (w.float().abs() <= FLOAT16_MAX).all():
-            fail(f"--model {path}: {name} is not finite, or beyond float16's range")
+            fail(f"--model {path}: {name} is beyond float16's range (|w| <= {FLOAT16_MAX:g})")
 
 
 def largest_change(before, after):

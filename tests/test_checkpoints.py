@@ -303,7 +303,10 @@ def test_export_checkpoint_keeps_a_vqvae_and_an_original_state_dict(tmp_path, tr
     broken = model.state_dict()
     broken["decoder.3.weight"] = broken["decoder.3.weight"] / 0.0
     torch.save(broken, str(tmp_path / "inf.pt"))
-    for args, words in ((["--model", "inf.pt", "--out", "x.pt"], ["inf.pt", "not finite"]),
+    broken["decoder.3.weight"] = torch.full_like(broken["decoder.3.weight"], 1e6)
+    torch.save(broken, str(tmp_path / "huge.pt"))  # finite, but not in float16
+    for args, words in ((["--model", "inf.pt", "--out", "x.pt"], ["inf.pt", "NaN or infinite"]),
+                        (["--model", "huge.pt", "--out", "x.pt"], ["huge.pt", "float16's range"]),
                         (["--model", best, "--out", "inf.pt/y.pt"], ["inf.pt/y.pt", "is a file"])):
         result = run("export_checkpoint.py", *args, cwd=tmp_path, check=False)
         assert_clean_failure(result, *words)
