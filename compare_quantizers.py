@@ -17,8 +17,8 @@ Variants:
 
 The report: test MSE, codes used, perplexity, bits per code map at the code entropy (49 log2
 perplexity) and training seconds per epoch, mean +- std over the seeds, after the last epoch
-(markdown, and one JSON line); readme_images/quantizers.png draws codes used and perplexity per
-epoch (mean over the seeds) for every variant.
+(markdown, and one JSON line); quantizers.png (--figure; README's is readme_images/quantizers.png)
+draws codes used and perplexity per epoch (mean over the seeds) for every variant.
 
 With --prior-epochs N, one prior per variant over the first seed's codes, by the same command
 (`pixelcnn_prior.py --vqvae-model models/q_<variant>_s<seed>/last.pt --output-folder
@@ -45,7 +45,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from checkpoints import load_checkpoint
 from cli import (ArgumentParser, add_data_and_device_flags, fail, nonnegative_int, positive_int,
                  seed_int)
-from files import atomic_write, claim_folder
+from files import atomic_write, check_file_to_write, claim_folder
 from modules import ORIGINAL_CONFIG
 
 matplotlib.use("Agg")  # files only, no display needed
@@ -258,7 +258,17 @@ def draw(rows, path):
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as f:   # a failed call leaves the previous figure whole
+        fig.savefig(f, format=figure_format(path), dpi=110)
+
+
+def figure_format(path):
+    """The image format the file name asks for (.png, .pdf, .svg, ...), or one line."""
+    suffix = os.path.splitext(path)[1][1:].lower()
+    if suffix not in plt.figure().canvas.get_supported_filetypes():
+        fail(f"--figure {path}: expected a file name ending in an image format matplotlib writes "
+             f"(.png, .pdf, .svg, ...)")
+    return suffix
 
 
 def main():
@@ -267,7 +277,9 @@ def main():
     p.add_argument("--seeds", nargs="+", type=seed_int, default=[0, 1, 2])
     p.add_argument("--num-epochs", type=positive_int, default=10)
     p.add_argument("--report-only", action="store_true", help="train nothing; report finished runs")
-    p.add_argument("--figure", default=os.path.join(REPO, "readme_images", "quantizers.png"))
+    p.add_argument("--figure", default="quantizers.png",
+                   help="the figure's file, beside logs/ and models/ (README's: "
+                        "readme_images/quantizers.png)")
     p.add_argument("--prior-epochs", type=nonnegative_int, default=0,
                    help="also train and judge one prior per variant (0: none)")
     p.add_argument("--prior-flags", default="", help="more pixelcnn_prior.py flags, one string")
@@ -275,6 +287,8 @@ def main():
     add_data_and_device_flags(p)
     args = p.parse_args()
     args.seeds = list(dict.fromkeys(args.seeds))  # a seed given twice is one run
+    check_file_to_write(args.figure, "--figure")   # before hours of training, not after
+    figure_format(args.figure)
     for flag in ("prior_flags", "judge_flags"):
         try:
             setattr(args, flag, shlex.split(getattr(args, flag)))

@@ -203,6 +203,11 @@ def test_compare_quantizers_trains_what_is_missing_and_reports(tmp_path, data_fo
     result = run("compare_quantizers.py", "--report-only", "--figure", "q.png", cwd=tmp_path,
                  check=False)
     assert_clean_failure(result, "no finished runs")
+    for figure, words in (("q.jpgx", "image format"), (".", "is a folder")):  # before any training
+        result = run("compare_quantizers.py", "--variants", "lfq", "--seeds", "0", "--figure",
+                     figure, cwd=tmp_path, check=False)
+        assert_clean_failure(result, f"--figure {figure}", words)
+        assert not (tmp_path / "logs").exists() and not (tmp_path / "models").exists()
     run("VQ-VAE.py", "--output-folder", "q_lfq_s0", "--num-epochs", "1", "--data-folder",
         data_folder, "--quantizer", "lfq", "--k", "32", *QUANTIZER_RUN, cwd=tmp_path)
     compare = ["compare_quantizers.py", "--variants", "lfq", "--seeds", "0", "--num-epochs", "1",
@@ -217,8 +222,9 @@ def test_compare_quantizers_trains_what_is_missing_and_reports(tmp_path, data_fo
     rows = [line for line in result.stdout.splitlines() if line.startswith("| lfq ")]
     assert len(rows) == 2 and rows[0].startswith("| lfq | 1 |"), rows
     assert rows[1].startswith("| lfq (prior, guidance") and rows[1].count("%") == 5, rows
-    again = run(*compare, cwd=tmp_path)
+    again = run(*compare[:-2], cwd=tmp_path)  # the default --figure: here, not README's figure
     assert "pixelcnn_prior.py" not in again.stdout and "sample_quality.py" not in again.stdout
+    assert (tmp_path / "quantizers.png").read_bytes()[:4] == b"\x89PNG"
     assert again.stdout.count("| lfq ") == 2
     # A report judged before the floor was random draws is refused, not mixed with new ones
     report = tmp_path / "models" / "prior_lfq_s0" / "sample_quality.json"

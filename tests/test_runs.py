@@ -100,8 +100,8 @@ def test_nan_loss_stops_training_and_keeps_checkpoints(trained_run, data_folder,
     assert result.returncode == 1
     assert "loss became nan at step" in result.stderr and "Traceback" not in result.stderr
     assert not run_files(tmp_path / "models" / "nan")
-    # A run whose loss turns non-finite after it wrote checkpoints (a weight so large that its
-    # squared distance overflows): they stay as they were. Weights already non-finite are refused up front.
+    # A run whose loss turns non-finite after it wrote checkpoints (codewords so large that their
+    # squared distances overflow): they stay as they were. Non-finite weights are refused first.
     shutil.copytree(cwd / "models" / "tiny", tmp_path / "models" / "poisoned")
     checkpoint = torch.load(tmp_path / "models" / "poisoned" / "last.pt", weights_only=True)
     for value, words in ((float("inf"), "NaN or infinite"), (1e30, None)):
