@@ -14,6 +14,13 @@ import torch
 import torch.nn as nn
 
 from vector_quantizer import FSQ_LEVELS, make_quantizer
+# The original modules.py defined these; code written against it imports them from here.
+from vector_quantizer import VQEmbedding, vq, vq_st  # noqa: F401
+
+
+def to_scalar(arr):
+    """The original's helper: a tensor (or a list of them) -> Python number(s)."""
+    return [x.item() for x in arr] if isinstance(arr, list) else arr.item()
 
 
 def weights_init(m):

@@ -25,6 +25,16 @@ def test_model_shapes(codebook):
     assert torch.allclose(model.decode(latents), model(x)[0], atol=1e-6)
 
 
+def test_the_original_modules_names_import_from_modules():
+    """Code written against the original repo imports its quantizer and helpers from modules.py."""
+    import modules
+    import vector_quantizer
+    for name in ("VQEmbedding", "vq", "vq_st"):
+        assert getattr(modules, name) is getattr(vector_quantizer, name)
+    assert modules.to_scalar(torch.tensor(2.5)) == 2.5
+    assert modules.to_scalar([torch.tensor(1), torch.tensor(2.0)]) == [1, 2.0]
+
+
 def test_init_scales_keep_the_function_and_scale_the_latent():
     torch.manual_seed(0)
     seed_init = VectorQuantizedVAE(1, 16, 32)
