@@ -49,6 +49,10 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer from 0 to 2**32 - 1")
 
 
+def int_between(low, high):
+    return _number(int, lambda v: low <= v <= high, f"an integer from {low:,} to {high:,}")
+
+
 positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 
 

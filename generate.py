@@ -89,12 +89,13 @@ def main():
                                      **sampler)
         if args.num_samples:
             samples = to_uint8(sample_prior(prior, model, digits(args.num_samples), **sampler)).cpu()
-    make_output_dirs("generatedImages")
+    # every folder made before any file is written: a refusal leaves no grid without its samples
+    make_output_dirs("generatedImages", *([os.path.dirname(args.samples_out) or "."]
+                                          if args.num_samples else []))
     path = os.path.join("generatedImages", f"{args.filename}.png")
     save_grid(generated, path)
     print(f"wrote {path}")
     if args.num_samples:
-        make_output_dirs(os.path.dirname(args.samples_out) or ".")
         save_checkpoint(args.samples_out, samples)
         print(f"wrote {args.samples_out}: {tuple(samples.shape)} uint8")
 

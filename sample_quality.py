@@ -42,8 +42,8 @@ import os
 import torch
 
 from checkpoints import load_checkpoint, load_classifier, load_prior, load_vqvae, run_settings
-from cli import (ArgumentParser, add_vqvae_size_flags, nonnegative_int, positive_float,
-                 positive_int, resolve_device, seed_int, unit_float, vqvae_sizes)
+from cli import (ArgumentParser, add_vqvae_size_flags, int_between, nonnegative_int,
+                 positive_float, positive_int, resolve_device, seed_int, unit_float, vqvae_sizes)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, normalize, to_uint8
 from distribution_measures import (frechet_distance, kernel_distance, precision_recall,
                                    two_sample_accuracy)
@@ -64,6 +64,9 @@ FLOOR_SEED = 0  # the floor's draws are the same for every sampling seed (--seed
 # and the class agreement a sampler must reach under each of them
 CHOOSING_JUDGES = ("classifier", "classifier_mlp")
 AGREEMENT_TARGET = 0.985
+# The fewest images a statistic is computed over: a k-NN ball needs k + 1 points, a covariance
+# several (fewer crash the linear algebra rather than give a meaningless figure)
+MIN_IMAGES = 10
 
 
 def in_batches(fn, tensor, batch_size=1000):
@@ -77,7 +80,10 @@ def build_parser():
     p.add_argument("--classifiers", "--classifier", nargs="+", default=JUDGES, metavar="CKPT",
                    help="judges written by classifier.py (default: the committed CNN, MLP and "
                         "augmented-CNN judges)")
-    p.add_argument("--num-samples", type=positive_int, default=10000)
+    p.add_argument("--num-samples", type=int_between(MIN_IMAGES, HOLD_OUT), default=None,
+                   metavar="N", help=f"samples per sampler and seed, and the reference's size "
+                                     f"(default {HOLD_OUT:,}; {HOLD_OUT // 2:,}, the most, with "
+                                     f"--floor-from held-out)")
     p.add_argument("--floor-draws", type=positive_int, default=None, metavar="D",
                    help="random draws of N training maps the floor is averaged over (default "
                         f"{FLOOR_DRAWS}; --floor-from training only)")
@@ -102,7 +108,7 @@ def build_parser():
                    help="generate.py --keep: the fraction of drawn maps kept per digit, by the "
                         "prior's own evidence (default: generate.py's default for this prior)")
     p.add_argument("--data-folder", default="data")
-    p.add_argument("--test-subset", type=positive_int, default=None,
+    p.add_argument("--test-subset", type=int_between(MIN_IMAGES, 10000), default=None,
                    help="the test images compared with: the first N (default: all 10,000)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", "--seed", type=seed_int, nargs="+", default=[0], metavar="S",
@@ -146,7 +152,7 @@ def floor_indices(n, draws, floor_from="training"):
     if floor_from == "training":
         return (torch.arange(REFERENCE_START, REFERENCE_START + n),
                 [torch.randperm(REFERENCE_START, generator=g)[:n] for _ in range(draws)])
-    n, held_out = min(n, HOLD_OUT // 2), REFERENCE_START + torch.randperm(HOLD_OUT, generator=g)
+    held_out = REFERENCE_START + torch.randperm(HOLD_OUT, generator=g)
     return held_out[:n], [held_out[n:2 * n]]
 
 
@@ -240,6 +246,12 @@ def main():
         parser.error("--floor-draws: only with --floor-from training (the held-out images hold "
                      "one floor beside the reference)")
     args.floor_draws = args.floor_draws or FLOOR_DRAWS
+    if args.floor_from == "held-out" and (args.num_samples or 0) > HOLD_OUT // 2:
+        parser.error(f"--num-samples {args.num_samples}: at most {HOLD_OUT // 2:,} with "
+                     f"--floor-from held-out (its {HOLD_OUT:,} images hold the reference and the "
+                     f"floor)")
+    args.num_samples = args.num_samples or (HOLD_OUT // 2 if args.floor_from == "held-out"
+                                            else HOLD_OUT)
     device = resolve_device(args.device)
     vqvae, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
     prior = load_prior(args.prior_model, device, vqvae.codeBook.K)
@@ -255,7 +267,7 @@ def main():
               for path in args.classifiers}
     train = MNISTSplit(args.data_folder, True, device)
     test = MNISTSplit(args.data_folder, False, device, limit=args.test_subset)
-    held_out, draws = floor_indices(min(args.num_samples, HOLD_OUT), args.floor_draws,
+    held_out, draws = floor_indices(args.num_samples, args.floor_draws,
                                     args.floor_from)
     held_out, draws, n = held_out.to(device), [i.to(device) for i in draws], len(held_out)
     labels = train.labels[draws[0]]    # the floor's digits, in the training maps' class mix

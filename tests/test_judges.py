@@ -135,13 +135,21 @@ def test_sample_quality_checks_every_sampler_before_drawing(trained_prior, tmp_p
     assert not (tmp_path / "fresh").exists()
 
 
-def test_floor_draws_only_with_the_training_floor(tmp_path):
+def test_floor_draws_and_sizes_the_judges_can_use(tmp_path):
     """The held-out images hold one floor beside the reference: --floor-draws with --floor-from
-    held-out is refused in one line, not silently ignored, before anything is read or made."""
-    result = run("sample_quality.py", "--model", "missing.pt", "--prior-model", "missing.pt",
-                 "--floor-from", "held-out", "--floor-draws", "3", "--data-folder", "fresh",
-                 cwd=tmp_path, check=False)
-    assert_clean_failure(result, "--floor-draws", "--floor-from training")
+    held-out, or more than half of them as --num-samples, is refused in one line, not silently
+    ignored or capped; so are too few images for the statistics (a k-NN ball, a covariance) and
+    more than MNIST holds; all before anything is read or made."""
+    for flags, words in ((["--floor-from", "held-out", "--floor-draws", "3"],
+                          ["--floor-draws", "--floor-from training"]),
+                         (["--floor-from", "held-out", "--num-samples", "5001"],
+                          ["--num-samples 5001", "at most 5,000"]),
+                         (["--num-samples", "3"], ["--num-samples", "from 10 to 10,000"]),
+                         (["--num-samples", "60000"], ["--num-samples", "from 10 to 10,000"]),
+                         (["--test-subset", "1"], ["--test-subset", "from 10 to 10,000"])):
+        result = run("sample_quality.py", "--model", "missing.pt", "--prior-model", "missing.pt",
+                     *flags, "--data-folder", "fresh", cwd=tmp_path, check=False)
+        assert_clean_failure(result, *words)
     assert not (tmp_path / "fresh").exists()
 
 
