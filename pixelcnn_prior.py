@@ -16,12 +16,14 @@ per code. Writes logs/<output-folder>/ and models/<output-folder>/{best,last}.pt
 import argparse
 import copy
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import load_vqvae
+from checkpoints import load_checkpoint, load_vqvae, run_settings
 from cli import (ArgumentParser, add_data_and_device_flags, add_vqvae_size_flags, fail, fraction,
                  nonnegative_int, positive_float, positive_int, renamed, resolve_device,
                  seed_int, vqvae_sizes)
@@ -122,6 +124,9 @@ def parse_args(argv=None):
                                       BEFORE_FLAGS)
     if not args.vqvae_model:
         fail("--vqvae-model is required: the VQ-VAE checkpoint whose codes the prior models")
+    trained_over = checkpoint and run_settings(checkpoint).get("vqvae_model")
+    if trained_over and args.vqvae_model != trained_over:
+        check_same_vqvae(args.vqvae_model, trained_over, args.resume)
     if args.hold_out >= TRAIN_IMAGES:
         fail(f"--hold-out {args.hold_out}: expected fewer than the {TRAIN_IMAGES} training images")
     if args.arch == "transformer" and args.channels % args.heads:
@@ -133,6 +138,20 @@ def parse_args(argv=None):
         fail(f"--shift-augment {args.shift_augment}: expected at most 3 pixels (MNIST's digits "
              f"fit a 20 x 20 box in the 28 x 28 image)")
     return args, checkpoint
+
+
+def check_same_vqvae(path, trained_over, resume):
+    """A resumed prior goes on over the codes it learned: a typed --vqvae-model may name the run's
+    VQ-VAE at another path (another machine), not another VQ-VAE."""
+    if not os.path.isfile(trained_over):
+        print(f"warning: --resume {resume} was trained over {trained_over}, which is not here; "
+              f"going on over --vqvae-model {path}, which must be that VQ-VAE", file=sys.stderr)
+        return
+    mine, theirs = (load_checkpoint(p, "vqvae", "--vqvae-model")["state_dict"]
+                    for p in (path, trained_over))
+    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+        fail(f"--vqvae-model {path}: --resume {resume} is a prior over the codes of "
+             f"{trained_over}, whose weights differ; resume over that VQ-VAE or train a new prior")
 
 
 def model_config(args, K):

@@ -22,6 +22,10 @@ from cli import fail, nonnegative_int, positive_int
 from files import claim_folder, make_output_dirs
 
 
+# Where the data and the device are: a run may resume on another machine
+NOT_RESUMED = ("data_folder", "device", "num_workers")
+
+
 def check_run_name(name, resume, overwrite):
     """--output-folder is one plain folder name (logs/<name>, models/<name> stay inside the repo),
     and an earlier run's checkpoints there are never silently replaced: that needs --resume of
@@ -88,11 +92,48 @@ def parse_run_args(parser, kind, locked, argv=None, renamed=None, before_flags=N
     if args.resume:
         checkpoint = load_resume_checkpoint(args.resume, kind)
         renamed = renamed if "run_config" not in checkpoint else None  # only the old "config"
-        settings = {(renamed or {}).get(key, key): value
-                    for key, value in run_settings(checkpoint).items()}
+        saved = run_settings(checkpoint)
+        if not isinstance(saved, dict):
+            fail(f"--resume {args.resume}: holds no run settings (run_config) to continue; a "
+                 f"damaged file?")
+        settings = {(renamed or {}).get(key, key): value for key, value in saved.items()}
+        check_resumed_settings(parser, settings, args.resume)
         apply_resume_config(parser, args, {**(before_flags or {}), **settings}, locked, argv)
     check_run_name(args.output_folder, args.resume, args.overwrite)
     return args, checkpoint
+
+
+def check_resumed_settings(parser, settings, path):
+    """Every setting a resume would take is one its flag accepts when typed (the same type and
+    range check, the same choices), so that a damaged run_config stops here in one line rather
+    than as a traceback mid-run."""
+    for action in parser._actions:
+        if action.dest not in settings or action.dest in ("resume", *NOT_RESUMED):
+            continue
+        value = settings[action.dest]
+        if value is None and action.default is None:
+            continue
+        listed = action.nargs in ("+", "*") or isinstance(action.nargs, int) and action.nargs > 0
+        values = value if listed else [value]
+        if not isinstance(values, (list, tuple)) or not all(map(accepts(action), values)):
+            fail(f"--resume {path}: its run settings hold {action.option_strings[0]} {value!r}, "
+                 f"which that flag does not take; a damaged file?")
+
+
+def accepts(action):
+    """-> whether `action` (a parser flag) takes this value, as the value it would parse to."""
+    def check(value):
+        if action.nargs == 0:   # store_true and friends
+            return isinstance(value, bool)
+        if action.choices is not None and value not in action.choices:
+            return False
+        if action.type is None:
+            return isinstance(value, str)
+        try:
+            return type(value) is not bool and action.type(str(value)) == value
+        except (argparse.ArgumentTypeError, TypeError, ValueError):
+            return False
+    return check
 
 
 def typed_flags(parser, argv=None):
@@ -114,7 +155,7 @@ def apply_resume_config(parser, args, config, locked, argv=None):
         locked = (*locked, "num_epochs", "max_steps")
     typed = typed_flags(parser, argv)
     for key, value in config.items():
-        if key in ("data_folder", "device", "num_workers") or not hasattr(args, key):
+        if key in NOT_RESUMED or not hasattr(args, key):
             continue
         mine = getattr(args, key, None)
         if key not in typed:
@@ -248,22 +289,32 @@ class TrainingRun:
         """Everything --resume continues: the state, the random states, the counters. A module
         missing from the checkpoint (a prior's raw weights, from runs that did not average them)
         starts from its saved weights."""
-        for name, obj in self.state.items():
-            saved = checkpoint.get(name)
-            if isinstance(obj, torch.nn.Module):
-                load_state(obj, checkpoint["state_dict"] if saved is None else saved, "--resume",
-                           path)
-            elif isinstance(obj, torch.optim.Optimizer):
-                load_optimizer_state(obj, saved)
-            elif obj is not None and saved:
-                obj.load_state_dict(saved)
-        set_rng_state(checkpoint["rng"], self.shuffle)
-        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
+        try:
+            for name, obj in self.state.items():
+                saved = checkpoint.get(name)
+                if isinstance(obj, torch.nn.Module):
+                    load_state(obj, checkpoint["state_dict"] if saved is None else saved,
+                               "--resume", path)
+                elif isinstance(obj, torch.optim.Optimizer):
+                    load_optimizer_state(obj, saved)
+                elif obj is not None and saved:
+                    obj.load_state_dict(saved)
+            set_rng_state(checkpoint["rng"], self.shuffle)
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
+            fail(f"--resume {path}: its training state (optimizer, schedule or random states) "
+                 f"is damaged ({type(e).__name__}: {e}); resume from another checkpoint")
+        self.epoch, self.step = checkpoint.get("epoch"), checkpoint.get("step")
         self.batch_in_epoch = checkpoint.get("batch_in_epoch", 0)
         self.evaluated = checkpoint.get("evaluated", False)
         # Runs written before the score was saved by one name kept VQ-VAE.py's in the same units;
         # the prior's and the judges' were test-set figures, which no longer choose: start anew.
         self.best = checkpoint.get("best_score", checkpoint.get("best_loss", float("inf")))
+        counters = (self.epoch, self.step, self.batch_in_epoch)
+        if not all(type(c) is int and c >= 0 for c in counters) or \
+                type(self.evaluated) is not bool or type(self.best) is not float:
+            fail(f"--resume {path}: its counters (epoch {self.epoch!r}, step {self.step!r}, batch "
+                 f"{self.batch_in_epoch!r}) or best score ({self.best!r}) are not what a run "
+                 f"saves; a damaged file?")
 
     def checkpoint(self, metrics=None, epoch_done=True):
         """The checkpoint of this moment: at the end of an epoch, or (epoch_done=False) mid-epoch,

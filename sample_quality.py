@@ -147,7 +147,7 @@ def floor_indices(n, draws, floor_from="training"):
     index tensors (n,)), the same whatever --seeds (a generator of their own). From "training":
     the reference is images 50,000.., each draw a random one of images 0..49,999 without
     replacement; from "held-out": the images 50,000.. in random order, the reference the first n,
-    the one draw the next n (n at most 5,000: half of them)."""
+    the one draw the next n (n at most 5,000, half of them: main checks --num-samples)."""
     g = torch.Generator().manual_seed(FLOOR_SEED)
     if floor_from == "training":
         return (torch.arange(REFERENCE_START, REFERENCE_START + n),

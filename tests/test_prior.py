@@ -2,6 +2,7 @@
 (sampling.py) and their trainer (pixelcnn_prior.py)."""
 import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -262,12 +263,18 @@ def test_prior_training_lowers_nll(trained_prior):
 
 def test_prior_resume_is_bit_identical(trained_prior, trained_run, tmp_path, data_folder):
     """A 1-epoch run resumed to 2 epochs equals the shared 2-epoch prior (at a constant learning
-    rate: a cosine schedule spans the epochs the run was started with)."""
+    rate: a cosine schedule spans the epochs the run was started with). The resume may name its
+    VQ-VAE at another path, not another VQ-VAE (whose codes the prior never learned)."""
     cwd, _ = trained_prior
     flags = prior_flags(trained_run, data_folder)
     run("pixelcnn_prior.py", *flags, "--num-epochs", "1", "--output-folder", "prior", cwd=tmp_path)
-    run("pixelcnn_prior.py", "--resume", "models/prior/last.pt", "--num-epochs", "2",
-        "--data-folder", data_folder, cwd=tmp_path)
+    vqvae_runs = cwd / "models" / "tiny"
+    resume = ["pixelcnn_prior.py", "--resume", "models/prior/last.pt", "--num-epochs", "2",
+              "--data-folder", data_folder]
+    result = run(*resume, "--vqvae-model", vqvae_runs / "model_1.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "model_1.pt", "weights differ")
+    shutil.copy(vqvae_runs / "best.pt", tmp_path / "moved.pt")
+    run(*resume, "--vqvae-model", "moved.pt", cwd=tmp_path)
     assert_same_weights(cwd / "models" / "prior" / "last.pt", tmp_path / "models" / "prior" / "last.pt")
 
 

@@ -1,5 +1,6 @@
 """The run machinery the three trainers share (runs.TrainingRun): resume, Ctrl-C/SIGTERM, NaN
 stops, overwrite protection, run folders claimed by one run, the random states."""
+import copy
 import os
 import shutil
 import subprocess
@@ -79,6 +80,34 @@ def test_signal_saves_last_and_resume_is_bit_identical(uninterrupted_run, tmp_pa
     assert 0 < cut["step"] < 32  # stopped mid-run, after finishing a step
     run("VQ-VAE.py", "--resume", "models/cut/last.pt", "--data-folder", data_folder, cwd=tmp_path)
     assert_same_weights(uninterrupted_run, tmp_path / "models" / "cut" / "last.pt")
+
+
+def test_a_damaged_training_state_is_refused_in_one_line(trained_run, tmp_path, data_folder):
+    """A resume whose run settings or training state were damaged (a value its flag would refuse,
+    a counter that is no count, junk optimizer or random states) stops in one line naming the
+    file, before any folder or file is made, rather than as a traceback mid-run."""
+    cwd, _ = trained_run
+    good = torch.load(cwd / "models" / "tiny" / "last.pt", weights_only=True)
+    damages = {
+        "no run settings": (lambda c: c.pop("run_config"), "no run settings"),
+        "settings as a list": (lambda c: c.update(run_config=[1]), "no run settings"),
+        "batch size 0": (lambda c: c["run_config"].update(batch_size=0), "--batch-size 0"),
+        "lr nan": (lambda c: c["run_config"].update(lr=float("nan")), "--lr nan"),
+        "lr as text": (lambda c: c["run_config"].update(lr="0.1"), "--lr '0.1'"),
+        "unknown quantizer": (lambda c: c["run_config"].update(quantizer="pq"), "--quantizer"),
+        "epoch as text": (lambda c: c.update(epoch="1"), "epoch '1'"),
+        "no epoch": (lambda c: c.pop("epoch"), "epoch None"),
+        "junk optimizer": (lambda c: c.update(optimizer={"state": 1}), "optimizer"),
+        "junk random states": (lambda c: c["rng"].update(torch=torch.zeros(3)), "random states"),
+    }
+    for name, (damage, words) in damages.items():
+        checkpoint = copy.deepcopy(good)
+        damage(checkpoint)
+        torch.save(checkpoint, tmp_path / "damaged.pt")
+        result = run("VQ-VAE.py", "--resume", "damaged.pt", "--num-epochs", "3", "--output-folder",
+                     "damaged", "--data-folder", data_folder, cwd=tmp_path, check=False)
+        assert_clean_failure(result, "--resume damaged.pt", words)
+        assert sorted(os.listdir(tmp_path)) == ["damaged.pt"], name
 
 
 def test_resume_cannot_stretch_a_cosine_schedule(uninterrupted_run, tmp_path):
