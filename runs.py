@@ -55,7 +55,10 @@ def prepare_run_folders(name, resume, overwrite, rank=0, create=True):
         fail(f"--output-folder {name}: another run is writing to {model_dir}/ right now; wait for "
              f"it to end or choose another name")
     check_run_name(name, resume, overwrite)
-    if overwrite and not resume:
+    # A run starting afresh is the folder's only run: the earlier run's files (--overwrite; else
+    # there are none) and the event files of a run killed before its first checkpoint would merge
+    # into its TensorBoard curves.
+    if not resume:
         for path in glob.glob(os.path.join(model_dir, "*.pt")) + \
                 glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
             os.remove(path)
@@ -271,7 +274,9 @@ class TrainingRun:
         self.handlers = {signum: signal.signal(signum, self._request_stop)
                          for signum in (signal.SIGINT, signal.SIGTERM)}
         from torch.utils.tensorboard import SummaryWriter   # here: only a run that writes needs it
-        self.writer = SummaryWriter(self.log_dir) if rank == 0 and not self.complete else None
+        # purge_step: what a killed run logged after its checkpoint is hidden, not drawn twice
+        self.writer = SummaryWriter(self.log_dir, purge_step=self.step + 1 if checkpoint else None) \
+            if rank == 0 and not self.complete else None
         self.resumed_from = args.resume  # set exactly when `checkpoint` is (parse_run_args)
 
     def __enter__(self):

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -108,6 +109,31 @@ def test_a_damaged_training_state_is_refused_in_one_line(trained_run, tmp_path, 
                      "damaged", "--data-folder", data_folder, cwd=tmp_path, check=False)
         assert_clean_failure(result, "--resume damaged.pt", words)
         assert sorted(os.listdir(tmp_path)) == ["damaged.pt"], name
+
+
+def test_a_killed_runs_events_do_not_merge_into_the_next(trained_run, tmp_path, data_folder):
+    """kill -9 leaves event files behind: those of a run killed before its first checkpoint are
+    deleted by the next run of that name (nothing else of it is left), and what a run logged after
+    its last checkpoint is purged from TensorBoard's view by the resume (one value per step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+    cwd, _ = trained_run
+    tag = "loss/train/training_loss"
+    shutil.copytree(cwd / "models" / "tiny", tmp_path / "models" / "tiny")   # 2 epochs, 32 steps
+    for name, steps in (("tiny", range(33, 41)), ("fresh", range(1, 9))):    # the killed runs
+        with SummaryWriter(str(tmp_path / "logs" / name)) as writer:
+            for step in steps:
+                writer.add_scalar(tag, 999.0, step)
+    time.sleep(1.1)  # event file names hold the second they were made: the new one sorts later
+    run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--num-epochs", "3", "--log-every", "4",
+        "--data-folder", data_folder, cwd=tmp_path)
+    run("VQ-VAE.py", "--output-folder", "fresh", "--num-epochs", "1", *TINY, "--log-every", "4",
+        "--data-folder", data_folder, cwd=tmp_path)
+    for name, first in (("tiny", 33), ("fresh", 1)):
+        events = EventAccumulator(str(tmp_path / "logs" / name)).Reload().Scalars(tag)
+        assert [e.step for e in events] == list(range(first, first + 16)), name
+        assert 999.0 not in [e.value for e in events], name
+    assert len(os.listdir(tmp_path / "logs" / "fresh")) == 1
 
 
 def test_resume_cannot_stretch_a_cosine_schedule(uninterrupted_run, tmp_path):
