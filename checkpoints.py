@@ -10,6 +10,7 @@ from dataclasses import fields
 
 import os
 import pickle
+import warnings
 
 import torch
 
@@ -40,10 +41,14 @@ def load_checkpoint(path, kind, flag="--model"):
     state_dict).
     Every failure is one line naming the flag and file, exit 2, including weights holding NaN or
     infinity (training stops before it would save such weights, so only a damaged file has them)."""
+    if os.path.isdir(path):
+        fail(f"{flag} {path}: is a folder; expected a checkpoint file")
     if not os.path.isfile(path):
         fail(f"{flag} {path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning: the line below says it
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):  # the weights-only unpickler met a reference to a Python callable
             fail(f"{flag} {path}: refused, the file holds pickled Python objects that could run "

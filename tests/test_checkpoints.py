@@ -3,6 +3,8 @@ line when foreign or damaged; every format written so far still loads (the commi
 files from before model configs, the original repo's bare state_dicts)."""
 import json
 import os
+import pickle
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -148,13 +150,22 @@ def test_checkpoint_of_another_script_is_refused_by_name(tmp_path):
     assert_clean_failure(result, "prior checkpoint", "pixelcnn_prior.py")
 
 
-@pytest.mark.parametrize("size", [0, 100])
-def test_empty_or_truncated_checkpoint_is_refused(trained_run, tmp_path, size):
+@pytest.mark.parametrize("kind", ["empty", "truncated", "plain pickle", "folder"])
+def test_empty_truncated_or_foreign_checkpoint_is_refused(trained_run, tmp_path, kind):
+    """One line each, torch's own warnings included (a plain pickle's protocol warning)."""
     cwd, _ = trained_run
     data = (cwd / "models" / "tiny" / "best.pt").read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[:size])
-    result = run("evaluate.py", "--model", "cut.pt", cwd=tmp_path, check=False)
-    assert_clean_failure(result, "cut.pt")
+    if kind == "folder":
+        (tmp_path / "cut.pt").mkdir()
+    elif kind == "plain pickle":
+        (tmp_path / "cut.pt").write_bytes(pickle.dumps({"state_dict": {}}, protocol=4))
+    else:
+        (tmp_path / "cut.pt").write_bytes(data[:{"empty": 0, "truncated": 100}[kind]])
+    with warnings.catch_warnings(record=True) as caught:  # what a process would print
+        warnings.simplefilter("always")
+        result = run("evaluate.py", "--model", "cut.pt", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "cut.pt", "folder" if kind == "folder" else "not a PyTorch")
+    assert not caught, [str(w.message) for w in caught]
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
