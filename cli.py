@@ -62,6 +62,11 @@ nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 < v <= 1, "a number > 0 and <= 1")
 
 
+# --keep F draws 1/F times the maps asked for: 20 times at most, not a run that never ends
+keep_fraction = _number(float, lambda v: 0.05 <= v <= 1, "a number from 0.05 to 1 (1/F times the "
+                        "maps are drawn)")
+
+
 fraction = _number(float, lambda v: 0 <= v < 1, "a number >= 0 and < 1")
 
 

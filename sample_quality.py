@@ -42,8 +42,9 @@ import os
 import torch
 
 from checkpoints import load_checkpoint, load_classifier, load_prior, load_vqvae, run_settings
-from cli import (ArgumentParser, add_vqvae_size_flags, int_between, nonnegative_int,
-                 positive_float, positive_int, resolve_device, seed_int, unit_float, vqvae_sizes)
+from cli import (ArgumentParser, add_vqvae_size_flags, int_between, keep_fraction,
+                 nonnegative_int, positive_float, positive_int, resolve_device, seed_int,
+                 unit_float, vqvae_sizes)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, normalize, to_uint8
 from distribution_measures import (frechet_distance, kernel_distance, precision_recall,
                                    two_sample_accuracy)
@@ -104,7 +105,7 @@ def build_parser():
     p.add_argument("--top-p", type=unit_float, default=1.0)
     p.add_argument("--guidance-interval", type=nonnegative_int, nargs=2, default=None,
                    metavar=("START", "STOP"), help="guide only these raster positions")
-    p.add_argument("--keeps", type=unit_float, nargs="+", default=[None], metavar="F",
+    p.add_argument("--keeps", type=keep_fraction, nargs="+", default=[None], metavar="F",
                    help="generate.py --keep: the fraction of drawn maps kept per digit, by the "
                         "prior's own evidence (default: generate.py's default for this prior)")
     p.add_argument("--data-folder", default="data")

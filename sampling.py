@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from cli import fail, nonnegative_float, nonnegative_int, positive_int, unit_float
+from cli import fail, keep_fraction, nonnegative_float, nonnegative_int, positive_int, unit_float
 
 # generate.py's default --guidance-scale and --keep, measured in RESULTS.md
 # "The prior under three judges, second pass": of the committed prior's samplers at temperature
@@ -133,7 +133,7 @@ def add_sampler_flags(parser):
                         help="sample among the K most likely codes only")
     parser.add_argument("--top-p", type=unit_float, default=1.0,
                         help="nucleus sampling: among the most likely codes holding this mass")
-    parser.add_argument("--keep", type=unit_float, default=None, metavar="F",
+    parser.add_argument("--keep", type=keep_fraction, default=None, metavar="F",
                         help="draw 1/F times the maps of each digit and keep the fraction F the "
                              "prior itself finds most like that digit (largest log p(codes | "
                              "digit) - log p(codes | no digit)); 1 keeps every map. Default "
