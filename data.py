@@ -3,8 +3,10 @@ the training device, or the original's torchvision DataLoader) that give the sam
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
+import struct
 
 import torch
 
@@ -15,12 +17,16 @@ from files import atomic_write
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-MNIST_FILES = {  # decompressed name -> size in bytes (IDX header + payload)
-    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
-    "train-labels-idx1-ubyte": 8 + 60000,
-    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
-    "t10k-labels-idx1-ubyte": 8 + 10000,
+# decompressed name -> its IDX header (magic number 2051 images or 2049 labels, then the sizes)
+MNIST_HEADERS = {
+    "train-images-idx3-ubyte": struct.pack(">4I", 2051, 60000, 28, 28),
+    "train-labels-idx1-ubyte": struct.pack(">2I", 2049, 60000),
+    "t10k-images-idx3-ubyte": struct.pack(">4I", 2051, 10000, 28, 28),
+    "t10k-labels-idx1-ubyte": struct.pack(">2I", 2049, 10000),
 }
+MNIST_FILES = {  # decompressed name -> size in bytes (IDX header + payload)
+    name: len(header) + math.prod(struct.unpack(f">{len(header) // 4}I", header)[1:])
+    for name, header in MNIST_HEADERS.items()}
 
 
 SHIPPED_MNIST = os.path.join(REPO_DIR, "MNIST")
@@ -92,6 +98,10 @@ def prepare_mnist(data_folder):
         if os.path.getsize(path) != size:
             fail(f"dataset file {path} is truncated or corrupt ({os.path.getsize(path)} bytes, "
                  f"expected {size}); delete it and rerun to extract it again")
+        with open(path, "rb") as f:
+            if f.read(len(MNIST_HEADERS[name])) != MNIST_HEADERS[name]:
+                fail(f"dataset file {path} is corrupt (not the IDX header of MNIST's {name}); "
+                     f"delete it and rerun to extract it again")
 
 
 def read_idx(path, header_bytes):
@@ -123,6 +133,9 @@ class MNISTSplit:
         prepare_mnist(data_folder)
         raw = os.path.join(data_folder, "MNIST", "raw", "train" if train else "t10k")
         labels = read_idx(f"{raw}-labels-idx1-ubyte", 8).long()[start:]         # (N,)
+        if len(labels) and labels.max() > 9:   # on the CPU, once: the digits index class tables
+            fail(f"dataset file {raw}-labels-idx1-ubyte is corrupt (a label above 9); delete it "
+                 f"and rerun to extract it again")
         self.size = len(labels) if limit is None else min(limit, len(labels))
         self.start = start
         self.device, self.pipeline, self.num_workers = torch.device(device), pipeline, num_workers

@@ -28,17 +28,25 @@ def test_training_rejects_data_folder_that_is_a_file(tmp_path):
     assert_clean_failure(result, "--data-folder")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt_shipped"])
+@pytest.mark.parametrize("damage", ["truncate", "header", "label", "corrupt_shipped"])
 def test_training_rejects_damaged_dataset(tmp_path, data_folder, damage, monkeypatch):
+    """A dataset file cut short, or of the right size with a foreign header or a label that is no
+    digit: one line naming it, and the file left for the user to see."""
     import shutil
-    if damage == "truncate":
+    if damage != "corrupt_shipped":
         raw = tmp_path / "data" / "MNIST" / "raw"
         shutil.copytree(os.path.join(data_folder, "MNIST", "raw"), raw)
-        with open(raw / "t10k-images-idx3-ubyte", "r+b") as f:
-            f.truncate(1000)
+        name, at, write, words = {
+            "truncate": ("t10k-images-idx3-ubyte", 1000, None, "truncated"),
+            "header": ("t10k-images-idx3-ubyte", 3, b"\x01", "IDX header"),
+            "label": ("t10k-labels-idx1-ubyte", 20, b"\x0c", "label above 9")}[damage]
+        with open(raw / name, "r+b") as f:
+            f.seek(at)
+            f.write(write) if write else f.truncate(at)
+        before = (raw / name).read_bytes()
         result = run("VQ-VAE.py", "--data-folder", "data", *TINY, cwd=tmp_path, check=False)
-        assert_clean_failure(result, "t10k-images-idx3-ubyte", "truncated")
-        assert os.path.getsize(raw / "t10k-images-idx3-ubyte") == 1000  # left for the user to see
+        assert_clean_failure(result, name, words)
+        assert (raw / name).read_bytes() == before  # left for the user to see
     else:
         import data
         shipped = tmp_path / "shipped"
