@@ -26,10 +26,11 @@ from priors import prior_config, prior_from_config
 CHECKPOINT_KINDS = {"vqvae": "VQ-VAE.py", "prior": "pixelcnn_prior.py", "classifier": "classifier.py"}
 
 
-def save_checkpoint(path, checkpoint):
+def save_checkpoint(path, checkpoint, replace=True):
     """Write atomically (`atomic_write`): a crash or a full disk mid-write leaves the previous file
-    at `path` untouched, and a reader never sees half a checkpoint."""
-    with atomic_write(path) as f:
+    at `path` untouched, and a reader never sees half a checkpoint; replace=False never replaces
+    a file there (FileExistsError)."""
+    with atomic_write(path, replace) as f:
         torch.save(checkpoint, f)
 
 

@@ -59,8 +59,11 @@ def main():
     checkpoint = load_checkpoint(args.model, None)
     check_weights(checkpoint["state_dict"], args.model)
     make_output_dirs(os.path.dirname(args.out) or ".")
-    try:
-        save_checkpoint(args.out, exported(checkpoint, args.int8))
+    try:   # checked above, and claimed here: another export that got there first is kept
+        save_checkpoint(args.out, exported(checkpoint, args.int8), replace=False)
+    except FileExistsError:
+        fail(f"--out {args.out}: exists (written a moment ago by another process); give a new "
+             f"name or delete it first")
     except OSError as e:
         fail(f"--out {args.out}: cannot write it ({e.strerror or e})")
     written = load_checkpoint(args.out, checkpoint.get("kind", "vqvae"), "--out")

@@ -12,21 +12,30 @@ from cli import fail
 
 
 @contextlib.contextmanager
-def atomic_write(path):
+def atomic_write(path, replace=True):
     """`with atomic_write(path) as f:` write to the binary file f; on success it is flushed to disk
     and renamed over `path` in one step. On any failure `path` keeps its previous content and the
     private temp file is removed. The temp name is unique per process and per call, so writers of
-    the same path never share one (they race only for which finished file stays)."""
+    the same path never share one (they race only for which finished file stays). With
+    replace=False the name is claimed first, by an exclusive create (FileExistsError if it is
+    taken, also by a writer that started a moment earlier), and released on failure."""
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    claimed = False
+    if not replace:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        claimed = True
     try:
         with open(tmp, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        claimed = False
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if claimed:
+            os.remove(path)
 
 
 class Unclaimed:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from checkpoints import load_checkpoint, load_classifier, load_prior, load_vqvae, save_checkpoint
-from conftest import PRETRAINED_VQVAE, REPO, assert_clean_failure, run
+from conftest import PRETRAINED_VQVAE, REPO, assert_clean_failure, load_script, run
 from data import MNISTSplit
 from modules import VQVAEConfig, VectorQuantizedVAE, original_config_with, vqvae_from_config
 
@@ -181,6 +181,9 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, {"kind": "vqvae", "state_dict": {"w": torch.zeros(3)}, "config": {}})
     assert os.listdir(tmp_path) == ["last.pt"]
     assert torch.equal(load_checkpoint(path, "vqvae")["state_dict"]["w"], torch.ones(3))
+    with pytest.raises(OSError):   # a new name claimed (replace=False) is released on failure
+        save_checkpoint(str(tmp_path / "new.pt"), {}, replace=False)
+    assert os.listdir(tmp_path) == ["last.pt"]
 
 
 def test_a_config_this_version_cannot_build_is_refused_in_one_line(tmp_path):
@@ -246,7 +249,8 @@ def test_a_size_that_contradicts_the_checkpoint_names_the_flag_typed(tmp_path):
     assert_clean_failure(result, "--hidden-size-vae 64", "trained with 40")
 
 
-def test_export_checkpoint_shares_weights_without_the_training_state(tmp_path, trained_prior):
+def test_export_checkpoint_shares_weights_without_the_training_state(tmp_path, trained_prior,
+                                                                    monkeypatch):
     """export_checkpoint.py: float16 and int8 (one scale per output channel) files of a prior's
     best.pt load as that prior, with logits within each format's rounding, and cannot be
     --resume'd; an existing --out is kept; int8 weights without their scales, or scales that fit
@@ -269,10 +273,16 @@ def test_export_checkpoint_shares_weights_without_the_training_state(tmp_path, t
         assert 0 < difference < tolerance, (flags, difference)
     int8 = str(tmp_path / "prior--int8.pt")
     assert os.path.getsize(int8) < 0.6 * os.path.getsize(str(tmp_path / "prior.pt"))
-    before = os.path.getmtime(int8)
+    before, files_before = os.path.getmtime(int8), len(os.listdir(tmp_path))
     result = run("export_checkpoint.py", "--model", best, "--out", int8, cwd=tmp_path, check=False)
     assert_clean_failure(result, "--out", "exists")
     assert os.path.getmtime(int8) == before
+    # another export that wrote the file after this one's check: its file is kept all the same
+    monkeypatch.setattr(load_script("export_checkpoint.py"), "check_file_to_write",
+                        lambda *args, **kwargs: None)
+    result = run("export_checkpoint.py", "--model", best, "--out", int8, cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--out", "exists", "another process")
+    assert os.path.getmtime(int8) == before and len(os.listdir(tmp_path)) == files_before
     result = run("pixelcnn_prior.py", "--resume", int8, cwd=tmp_path, check=False)
     assert_clean_failure(result, "weights only")
     shared = torch.load(int8, weights_only=True)
