@@ -28,8 +28,8 @@ from cli import (ArgumentParser, decay_float, fail, nonnegative_float, nonnegati
 from data import MNISTSplit
 from image_grids import image_grid
 from modules import ORIGINAL_CONFIG, VQVAEConfig, vqvae_from_config
-from runs import (TrainingRun, add_run_flags, end_distributed, parse_run_args, seed_everything,
-                  typed_flags)
+from runs import (TrainingRun, add_run_flags, end_distributed, parse_run_args,
+                  resume_is_complete, seed_everything, typed_flags)
 from training import (LR_SCHEDULES, add_compile_flags, check_compile_flags, code_usage,
                       evaluate_vqvae, loss_weights, make_optimizer, make_precision, make_scheduler,
                       maybe_compile, train_step)
@@ -201,6 +201,8 @@ def log_evaluation(writer, metrics, counts, K, step, epoch):
 
 
 def main(args, checkpoint=None):
+    if resume_is_complete(args, checkpoint):   # nothing read, nothing written
+        return
     device = resolve_device(args.device)
     rank, world_size, device = setup_distributed(device)
     if args.batch_size % world_size:

@@ -199,11 +199,14 @@ def run_settings(checkpoint):
 def vqvae_config(checkpoint, sizes):
     """A VQ-VAE checkpoint's VQVAEConfig: its model_config; for files from before model configs,
     the flags of its command line, the original's value for a flag that did not exist yet; for
-    the original repo's bare state_dicts, the original model at `sizes` (40 / 512 where absent)."""
+    the original repo's bare state_dicts, the original model at its codebook's sizes."""
     if "model_config" in checkpoint:
         config = VQVAEConfig(**checkpoint["model_config"])
-    elif checkpoint.get("config") is None:
-        return original_config_with(hidden_size=sizes.get("hidden_size", 40), k=sizes.get("k", 512))
+    elif checkpoint.get("config") is None:   # its codebook (K, D) holds the sizes it had
+        codebook = checkpoint["state_dict"].get("codeBook.embedding.weight")
+        k, hidden_size = codebook.shape if isinstance(codebook, torch.Tensor) and \
+            codebook.dim() == 2 else (sizes.get("k", 512), sizes.get("hidden_size", 40))
+        return original_config_with(hidden_size=hidden_size, k=k)
     else:
         flags = checkpoint["config"]
         config = VQVAEConfig(**{f.name: flags.get(f.name, getattr(ORIGINAL_CONFIG, f.name))
@@ -217,8 +220,8 @@ def vqvae_config(checkpoint, sizes):
 
 def load_vqvae(path, device, flag="--model", sizes=None):
     """A VQ-VAE from a checkpoint, in eval mode -> (model, checkpoint). The checkpoint's config
-    decides the model; `sizes` ({'hidden_size': D, 'k': K}, from flags the user gave) must agree
-    with it, and size the model of an original-style bare state_dict, which has no config."""
+    (or an original-style bare state_dict's codebook) decides the model; `sizes` ({'hidden_size':
+    D, 'k': K}, from flags the user gave) must agree with it."""
     checkpoint = load_checkpoint(path, "vqvae", flag)
     sizes = sizes or {}
     config = config_from(lambda c: vqvae_config(c, sizes), checkpoint, flag, path)

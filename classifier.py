@@ -21,7 +21,8 @@ from cli import (ArgumentParser, add_data_and_device_flags, fail, positive_float
                  positive_int, resolve_device, seed_int)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
 from judges import JUDGES, JudgeConfig, judge_from_config
-from runs import TrainingRun, add_run_flags, parse_run_args, seed_everything
+from runs import (TrainingRun, add_run_flags, parse_run_args, resume_is_complete,
+                  seed_everything)
 from training import make_optimizer
 
 # num_epochs: the one-cycle schedule spans the run
@@ -86,6 +87,8 @@ def parse_args(argv=None):
 
 
 def main(args, checkpoint=None):
+    if resume_is_complete(args, checkpoint):   # nothing read, nothing written
+        return
     device = resolve_device(args.device)
     shuffle = seed_everything(args.seed)
     train_set, held_out = training_slices(args.data_folder, device, args.hold_out,

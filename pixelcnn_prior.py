@@ -30,7 +30,8 @@ from cli import (ArgumentParser, add_data_and_device_flags, add_vqvae_size_flags
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
 from image_grids import image_grid
 from priors import PRIORS, prior_from_config, saved_config
-from runs import TrainingRun, add_run_flags, parse_run_args, seed_everything
+from runs import (TrainingRun, add_run_flags, parse_run_args, resume_is_complete,
+                  seed_everything)
 from training import LR_SCHEDULES, make_optimizer, make_scheduler
 
 TRAIN_SCALARS = ("loss/train/nll_nats_per_map", "loss/train/bits_per_code")
@@ -163,6 +164,8 @@ def model_config(args, K):
 
 
 def main(args, checkpoint=None):
+    if resume_is_complete(args, checkpoint):   # nothing read, nothing written
+        return
     device = resolve_device(args.device)
     vqvae, _ = load_vqvae(args.vqvae_model, device, "--vqvae-model", vqvae_sizes(args))
     shuffle = seed_everything(args.seed)

@@ -40,14 +40,13 @@ def check_run_name(name, resume, overwrite):
              f"--resume {model_dir}/last.pt to continue it or --overwrite to start over")
 
 
-def prepare_run_folders(name, resume, overwrite, rank=0, create=True):
+def prepare_run_folders(name, resume, overwrite, rank=0):
     """logs/<name> and models/<name>, created and claimed by rank 0 (`claim_folder`: one run at a
     time writes there, so two runs started at once under one name cannot both pass the check
     below and overwrite each other); `check_run_name` runs again under the claim. --overwrite then
-    deletes the earlier run's checkpoints and event files. -> (log_dir, model_dir, the claim);
-    with create=False (a --resume with nothing left to train) only the names, and no claim."""
+    deletes the earlier run's checkpoints and event files. -> (log_dir, model_dir, the claim)."""
     log_dir, model_dir = os.path.join("logs", name), os.path.join("models", name)
-    if rank != 0 or not create:
+    if rank != 0:
         return log_dir, model_dir, None
     make_output_dirs(log_dir, model_dir)
     claim = claim_folder(model_dir)
@@ -101,9 +100,48 @@ def parse_run_args(parser, kind, locked, argv=None, renamed=None, before_flags=N
                  f"damaged file?")
         settings = {(renamed or {}).get(key, key): value for key, value in saved.items()}
         check_resumed_settings(parser, settings, args.resume)
+        check_counters(checkpoint, args.resume)
         apply_resume_config(parser, args, {**(before_flags or {}), **settings}, locked, argv)
     check_run_name(args.output_folder, args.resume, args.overwrite)
     return args, checkpoint
+
+
+def check_counters(checkpoint, path):
+    """Where the run stopped (epoch, step, batch in the epoch, whether evaluated, its best score)
+    is what a run saves, or one line."""
+    counters = [checkpoint.get(name, default) for name, default in
+                (("epoch", None), ("step", None), ("batch_in_epoch", 0))]
+    evaluated = checkpoint.get("evaluated", False)
+    best = checkpoint.get("best_score", checkpoint.get("best_loss", float("inf")))
+    if not all(type(c) is int and c >= 0 for c in counters) or type(evaluated) is not bool or \
+            type(best) is not float:
+        fail(f"--resume {path}: its counters (epoch {counters[0]!r}, step {counters[1]!r}, batch "
+             f"{counters[2]!r}) or best score ({best!r}) are not what a run saves; a damaged "
+             f"file?")
+
+
+def resume_is_complete(args, checkpoint):
+    """-> whether a --resume has nothing left to train (all its epochs, or its --max-steps taken
+    and evaluated); if so it says so, before any data is read or anything is written."""
+    if not checkpoint:
+        return False
+    epoch, step = checkpoint["epoch"], checkpoint["step"]
+    max_steps = getattr(args, "max_steps", None)
+    if not finished(epoch, step, checkpoint.get("batch_in_epoch", 0),
+                    checkpoint.get("evaluated", False), args.num_epochs, max_steps):
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        limit = "" if epoch >= args.num_epochs else f" (its --max-steps {max_steps})"
+        print(f"--resume {args.resume} is complete: {epoch} of {args.num_epochs} epochs, {step} "
+              f"steps{limit}; nothing to train, nothing written")
+    return True
+
+
+def finished(epoch, step, batch_in_epoch, evaluated, num_epochs, total_steps):
+    """All epochs done, or all `total_steps` (None: no limit) taken and evaluated (a run stopped
+    by a signal on its last step still owes that epoch's evaluation and save)."""
+    return epoch >= num_epochs or total_steps is not None and step >= total_steps and (
+        not batch_in_epoch or evaluated)
 
 
 def check_resumed_settings(parser, settings, path):
@@ -166,8 +204,10 @@ def apply_resume_config(parser, args, config, locked, argv=None):
         elif key in locked and mine != value:
             why = " (its cosine learning-rate schedule ends there)" \
                 if key in ("num_epochs", "max_steps") else ""
-            fail(f"--{key.replace('_', '-')} {as_typed(mine)} conflicts with the checkpoint "
-                 f"--resume {args.resume}, which was trained with {as_typed(value)}{why}")
+            flag = f"--{key.replace('_', '-')}"
+            was = f"with {as_typed(value)}" if value is not None else f"without {flag}"
+            fail(f"{flag} {as_typed(mine)} conflicts with the checkpoint --resume {args.resume}, "
+                 f"which was trained {was}{why}")
 
 
 def as_typed(value):
@@ -265,19 +305,15 @@ class TrainingRun:
         self.best = float("inf")  # the lowest score passed to save_epoch so far
         if checkpoint:
             self._restore(checkpoint, args.resume)
-        # a --resume with nothing left to train writes nothing, not even empty run folders
-        self.complete = bool(checkpoint) and self.finished(args.num_epochs,
-                                                           getattr(args, "max_steps", None))
         self.log_dir, self.model_dir, self.claim = prepare_run_folders(
-            args.output_folder, args.resume, args.overwrite, rank, create=not self.complete)
+            args.output_folder, args.resume, args.overwrite, rank)
         self.signals, self.pending = [], []
         self.handlers = {signum: signal.signal(signum, self._request_stop)
                          for signum in (signal.SIGINT, signal.SIGTERM)}
         from torch.utils.tensorboard import SummaryWriter   # here: only a run that writes needs it
         # purge_step: what a killed run logged after its checkpoint is hidden, not drawn twice
         self.writer = SummaryWriter(self.log_dir, purge_step=self.step + 1 if checkpoint else None) \
-            if rank == 0 and not self.complete else None
-        self.resumed_from = args.resume  # set exactly when `checkpoint` is (parse_run_args)
+            if rank == 0 else None
 
     def __enter__(self):
         return self
@@ -308,18 +344,12 @@ class TrainingRun:
         except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
             fail(f"--resume {path}: its training state (optimizer, schedule or random states) "
                  f"is damaged ({type(e).__name__}: {e}); resume from another checkpoint")
-        self.epoch, self.step = checkpoint.get("epoch"), checkpoint.get("step")
+        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]   # `check_counters`
         self.batch_in_epoch = checkpoint.get("batch_in_epoch", 0)
         self.evaluated = checkpoint.get("evaluated", False)
         # Runs written before the score was saved by one name kept VQ-VAE.py's in the same units;
         # the prior's and the judges' were test-set figures, which no longer choose: start anew.
         self.best = checkpoint.get("best_score", checkpoint.get("best_loss", float("inf")))
-        counters = (self.epoch, self.step, self.batch_in_epoch)
-        if not all(type(c) is int and c >= 0 for c in counters) or \
-                type(self.evaluated) is not bool or type(self.best) is not float:
-            fail(f"--resume {path}: its counters (epoch {self.epoch!r}, step {self.step!r}, batch "
-                 f"{self.batch_in_epoch!r}) or best score ({self.best!r}) are not what a run "
-                 f"saves; a damaged file?")
 
     def checkpoint(self, metrics=None, epoch_done=True):
         """The checkpoint of this moment: at the end of an epoch, or (epoch_done=False) mid-epoch,
@@ -341,24 +371,13 @@ class TrainingRun:
         """The epochs left, from where a resumed run stopped, until `num_epochs` or `total_steps`."""
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = min(num_epochs * steps_per_epoch, total_steps or float("inf"))
-        if self.complete:
-            if self.rank == 0:
-                limit = "" if self.epoch >= num_epochs else f" (its --max-steps {self.total_steps})"
-                print(f"--resume {self.resumed_from} is complete: {self.epoch} of {num_epochs} "
-                      f"epochs, {self.step} steps{limit}; nothing to train, nothing written")
-            return
         for epoch in range(self.epoch, num_epochs):
-            if self.finished(num_epochs, self.total_steps):
+            if finished(self.epoch, self.step, self.batch_in_epoch, self.evaluated, num_epochs,
+                        self.total_steps):
                 return
             self.epoch_shuffle_state = self.shuffle.get_state()
             yield epoch
             self.epoch, self.batch_in_epoch = epoch + 1, 0
-
-    def finished(self, num_epochs, total_steps):
-        """All epochs done, or all `total_steps` (None: no limit) taken and evaluated (a run
-        stopped by a signal on its last step still owes that epoch's evaluation and save)."""
-        return self.epoch >= num_epochs or total_steps is not None and \
-            self.step >= total_steps and (not self.batch_in_epoch or self.evaluated)
 
     def shuffled(self, n):
         """This epoch's order of the n training examples (on the CPU; drawn once per epoch)."""

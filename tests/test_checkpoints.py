@@ -36,7 +36,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(model.eval()(x)[0], clone(x)[0])
 
 
-def test_committed_checkpoints_load_and_resume(tmp_path, data_folder):
+def test_committed_checkpoints_load_and_resume(tmp_path):
     """Three committed files predate model configs (one "config": the command line), the prior
     and the third judge have one: each loads as the model it is, and the committed VQ-VAE still
     resumes, finding its run complete."""
@@ -59,9 +59,9 @@ def test_committed_checkpoints_load_and_resume(tmp_path, data_folder):
     assert type(load_classifier(os.path.join(PRETRAINED, "classifier_aug.pt"), "cpu")).__name__ \
         == "MNISTClassifier"  # the third judge: written with model_config
     result = run("VQ-VAE.py", "--resume", os.path.join(PRETRAINED, "vqvae_mnist.pt"),
-                 "--output-folder", "committed", "--data-folder", data_folder, cwd=tmp_path)
+                 "--output-folder", "committed", "--data-folder", "fresh", cwd=tmp_path)
     assert "is complete: 10 of 10 epochs" in result.stdout
-    assert not os.path.exists(tmp_path / "models") and not os.path.exists(tmp_path / "logs")
+    assert os.listdir(tmp_path) == []   # no run folders, no MNIST extracted: nothing to train
 
 
 def test_checkpoints_keep_the_model_apart_from_the_command_line(trained_prior, trained_classifier):
@@ -106,6 +106,18 @@ def test_original_repo_checkpoint_draws_and_evaluates(data_folder, tmp_path):
                for model in ("best.pt", PRETRAINED_VQVAE)]
     assert figures[0] == figures[1]  # the same weights as the committed checkpoint: same figures
     assert figures[0]["test_mse"] < 0.02
+
+
+def test_original_repo_checkpoint_of_other_sizes_loads_at_its_codebooks_sizes(tmp_path):
+    """The original repo trained other sizes with --hidden-size/--k and saved no config: its
+    codebook (K, D) says them, so the file loads without those flags; typed sizes must agree."""
+    original = vqvae_from_config(original_config_with(hidden_size=16, k=32))
+    torch.save(original.state_dict(), tmp_path / "small.pt")
+    model, _ = load_vqvae(str(tmp_path / "small.pt"), "cpu")
+    assert model.codeBook.embedding.weight.shape == (32, 16)
+    result = run("generate.py", "--model", "small.pt", "--k", "64", "--input", "random",
+                 cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--k 64", "small.pt", "trained with 32")
 
 
 @pytest.mark.parametrize("damage", ["extra", "missing", "other_size"])

@@ -140,6 +140,9 @@ def test_resume_cannot_stretch_a_cosine_schedule(uninterrupted_run, tmp_path):
     result = run("VQ-VAE.py", "--resume", uninterrupted_run, "--num-epochs", "3", cwd=tmp_path,
                  check=False)
     assert_clean_failure(result, "--num-epochs 3", "cosine")
+    result = run("VQ-VAE.py", "--resume", uninterrupted_run, "--max-steps", "5", cwd=tmp_path,
+                 check=False)
+    assert_clean_failure(result, "--max-steps 5", "trained without --max-steps", "cosine")
     assert not (tmp_path / "models").exists()
 
 
