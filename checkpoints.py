@@ -206,7 +206,7 @@ def vqvae_config(checkpoint, sizes):
         codebook = checkpoint["state_dict"].get("codeBook.embedding.weight")
         k, hidden_size = codebook.shape if isinstance(codebook, torch.Tensor) and \
             codebook.dim() == 2 else (sizes.get("k", 512), sizes.get("hidden_size", 40))
-        return original_config_with(hidden_size=hidden_size, k=k)
+        config = original_config_with(hidden_size=int(hidden_size), k=int(k))
     else:
         flags = checkpoint["config"]
         config = VQVAEConfig(**{f.name: flags.get(f.name, getattr(ORIGINAL_CONFIG, f.name))

@@ -223,7 +223,7 @@ def main(args, checkpoint=None):
             metrics = evaluate(run.writer, prior, ema_prior, vqvae, held_out_codes, test_codes,
                                digits, epoch + 1)
             # save: best.pt (lowest held-out NLL; the last epoch without a hold-out), last.pt
-            run.save_epoch(metrics, metrics.get("held_out_bits_per_map", -epoch))
+            run.save_epoch(metrics, metrics.get("held_out_bits_per_map", float(-epoch)))
             held = f"held-out {metrics['held_out_bits_per_map']:.1f}, " if held_out else ""
             print(f"epoch {epoch + 1}/{args.num_epochs}  NLL in bits per code map: {held}test "
                   f"{metrics['test_bits_per_map']:.1f} ({metrics['test_nll_nats_per_map']:.2f} "

@@ -113,8 +113,9 @@ def check_counters(checkpoint, path):
                 (("epoch", None), ("step", None), ("batch_in_epoch", 0))]
     evaluated = checkpoint.get("evaluated", False)
     best = checkpoint.get("best_score", checkpoint.get("best_loss", float("inf")))
+    # a best score may be an int: priors trained with --hold-out 0 saved -epoch before 2026-12-06
     if not all(type(c) is int and c >= 0 for c in counters) or type(evaluated) is not bool or \
-            type(best) is not float:
+            type(best) not in (int, float):
         fail(f"--resume {path}: its counters (epoch {counters[0]!r}, step {counters[1]!r}, batch "
              f"{counters[2]!r}) or best score ({best!r}) are not what a run saves; a damaged "
              f"file?")

@@ -118,6 +118,11 @@ def test_original_repo_checkpoint_of_other_sizes_loads_at_its_codebooks_sizes(tm
     result = run("generate.py", "--model", "small.pt", "--k", "64", "--input", "random",
                  cwd=tmp_path, check=False)
     assert_clean_failure(result, "--k 64", "small.pt", "trained with 32")
+    empty = {**original.state_dict(), "codeBook.embedding.weight": torch.zeros(0, 16)}
+    torch.save(empty, tmp_path / "empty.pt")
+    result = run("generate.py", "--model", "empty.pt", "--input", "random", cwd=tmp_path,
+                 check=False)
+    assert_clean_failure(result, "empty.pt", "k 0 is not a positive integer")
 
 
 @pytest.mark.parametrize("damage", ["extra", "missing", "other_size"])

@@ -109,6 +109,8 @@ def test_a_damaged_training_state_is_refused_in_one_line(trained_run, tmp_path, 
                      "damaged", "--data-folder", data_folder, cwd=tmp_path, check=False)
         assert_clean_failure(result, "--resume damaged.pt", words)
         assert sorted(os.listdir(tmp_path)) == ["damaged.pt"], name
+    from runs import check_counters   # an integer best score is what --hold-out 0 priors saved
+    check_counters({**good, "best_score": 0}, "prior.pt")
 
 
 def test_a_killed_runs_events_do_not_merge_into_the_next(trained_run, tmp_path, data_folder):
