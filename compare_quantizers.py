@@ -50,6 +50,7 @@ from modules import ORIGINAL_CONFIG
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # The original repo's configuration: its model (`ORIGINAL_CONFIG`) and its constant learning rate.
@@ -265,7 +266,7 @@ def draw(rows, path):
 def figure_format(path):
     """The image format the file name asks for (.png, .pdf, .svg, ...), or one line."""
     suffix = os.path.splitext(path)[1][1:].lower()
-    if suffix not in plt.figure().canvas.get_supported_filetypes():
+    if suffix not in FigureCanvasBase.get_supported_filetypes():
         fail(f"--figure {path}: expected a file name ending in an image format matplotlib writes "
              f"(.png, .pdf, .svg, ...)")
     return suffix

@@ -106,18 +106,24 @@ def parse_run_args(parser, kind, locked, argv=None, renamed=None, before_flags=N
     return args, checkpoint
 
 
+def saved_counters(checkpoint):
+    """-> (epoch, step, batch in the epoch, whether that batch's epoch was evaluated, best score):
+    where a run stopped. Files from before a field existed take its default; runs written before
+    the score was saved by one name kept VQ-VAE.py's in the same units (best_loss), while the
+    prior's and the judges' were test-set figures, which no longer choose: they start anew."""
+    return (checkpoint.get("epoch"), checkpoint.get("step"), checkpoint.get("batch_in_epoch", 0),
+            checkpoint.get("evaluated", False),
+            checkpoint.get("best_score", checkpoint.get("best_loss", float("inf"))))
+
+
 def check_counters(checkpoint, path):
-    """Where the run stopped (epoch, step, batch in the epoch, whether evaluated, its best score)
-    is what a run saves, or one line."""
-    counters = [checkpoint.get(name, default) for name, default in
-                (("epoch", None), ("step", None), ("batch_in_epoch", 0))]
-    evaluated = checkpoint.get("evaluated", False)
-    best = checkpoint.get("best_score", checkpoint.get("best_loss", float("inf")))
+    """Where the run stopped (`saved_counters`) is what a run saves, or one line."""
+    epoch, step, batch_in_epoch, evaluated, best = saved_counters(checkpoint)
     # a best score may be an int: priors trained with --hold-out 0 saved -epoch before 2026-12-06
-    if not all(type(c) is int and c >= 0 for c in counters) or type(evaluated) is not bool or \
-            type(best) not in (int, float):
-        fail(f"--resume {path}: its counters (epoch {counters[0]!r}, step {counters[1]!r}, batch "
-             f"{counters[2]!r}) or best score ({best!r}) are not what a run saves; a damaged "
+    if not all(type(c) is int and c >= 0 for c in (epoch, step, batch_in_epoch)) or \
+            type(evaluated) is not bool or type(best) not in (int, float):
+        fail(f"--resume {path}: its counters (epoch {epoch!r}, step {step!r}, batch "
+             f"{batch_in_epoch!r}) or best score ({best!r}) are not what a run saves; a damaged "
              f"file?")
 
 
@@ -126,10 +132,9 @@ def resume_is_complete(args, checkpoint):
     and evaluated); if so it says so, before any data is read or anything is written."""
     if not checkpoint:
         return False
-    epoch, step = checkpoint["epoch"], checkpoint["step"]
+    epoch, step, batch_in_epoch, evaluated, _ = saved_counters(checkpoint)
     max_steps = getattr(args, "max_steps", None)
-    if not finished(epoch, step, checkpoint.get("batch_in_epoch", 0),
-                    checkpoint.get("evaluated", False), args.num_epochs, max_steps):
+    if not finished(epoch, step, batch_in_epoch, evaluated, args.num_epochs, max_steps):
         return False
     if int(os.environ.get("RANK", "0")) == 0:
         limit = "" if epoch >= args.num_epochs else f" (its --max-steps {max_steps})"
@@ -345,12 +350,8 @@ class TrainingRun:
         except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
             fail(f"--resume {path}: its training state (optimizer, schedule or random states) "
                  f"is damaged ({type(e).__name__}: {e}); resume from another checkpoint")
-        self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]   # `check_counters`
-        self.batch_in_epoch = checkpoint.get("batch_in_epoch", 0)
-        self.evaluated = checkpoint.get("evaluated", False)
-        # Runs written before the score was saved by one name kept VQ-VAE.py's in the same units;
-        # the prior's and the judges' were test-set figures, which no longer choose: start anew.
-        self.best = checkpoint.get("best_score", checkpoint.get("best_loss", float("inf")))
+        self.epoch, self.step, self.batch_in_epoch, self.evaluated, self.best = \
+            saved_counters(checkpoint)   # checked by `check_counters` in parse_run_args
 
     def checkpoint(self, metrics=None, epoch_done=True):
         """The checkpoint of this moment: at the end of an epoch, or (epoch_done=False) mid-epoch,
