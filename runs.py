@@ -34,10 +34,15 @@ def check_run_name(name, resume, overwrite):
     if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
         fail(f"--output-folder {name!r}: expected a run name (a plain folder name), not a path")
     model_dir = os.path.join("models", name)
-    continues_it = resume and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(model_dir)
-    if glob.glob(os.path.join(model_dir, "*.pt")) and not continues_it and not overwrite:
+    if glob.glob(os.path.join(model_dir, "*.pt")) and not continues(resume, model_dir) \
+            and not overwrite:
         fail(f"{model_dir}/ already holds checkpoints of an earlier run; pass "
              f"--resume {model_dir}/last.pt to continue it or --overwrite to start over")
+
+
+def continues(resume, model_dir):
+    """Whether --resume `resume` continues the run whose checkpoints are in `model_dir`."""
+    return bool(resume) and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(model_dir)
 
 
 def prepare_run_folders(name, resume, overwrite, rank=0):
@@ -54,10 +59,10 @@ def prepare_run_folders(name, resume, overwrite, rank=0):
         fail(f"--output-folder {name}: another run is writing to {model_dir}/ right now; wait for "
              f"it to end or choose another name")
     check_run_name(name, resume, overwrite)
-    # A run starting afresh is the folder's only run: the earlier run's files (--overwrite; else
-    # there are none) and the event files of a run killed before its first checkpoint would merge
-    # into its TensorBoard curves.
-    if not resume:
+    # A run that does not continue this folder's own is its only run: the earlier run's files
+    # (--overwrite; else there are none) and the event files of a run killed before its first
+    # checkpoint would merge into its TensorBoard curves, and an earlier best.pt would outlive it.
+    if not continues(resume, model_dir):
         for path in glob.glob(os.path.join(model_dir, "*.pt")) + \
                 glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
             os.remove(path)

@@ -29,6 +29,23 @@ def test_two_runs_of_one_name_cannot_both_write(tmp_path, monkeypatch, capsys):
     prepare_run_folders("same", None, False)
 
 
+def test_overwrite_by_another_runs_resume_starts_the_folder_afresh(tmp_path, monkeypatch):
+    """--resume of run a's checkpoint into run b's folder with --overwrite deletes b's earlier
+    checkpoints and event files (b's best.pt would otherwise outlive b); resuming b itself keeps
+    them."""
+    from runs import prepare_run_folders
+    monkeypatch.chdir(tmp_path)
+    earlier = [tmp_path / "models" / "b" / "best.pt", tmp_path / "models" / "b" / "model_5.pt",
+               tmp_path / "logs" / "b" / "events.out.tfevents.1.host"]
+    for path in earlier:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"earlier run")
+    prepare_run_folders("b", "models/b/last.pt", False)[2].release()
+    assert all(path.exists() for path in earlier)
+    prepare_run_folders("b", "models/a/last.pt", True)[2].release()
+    assert not any(path.exists() for path in earlier)
+
+
 def test_resume_after_an_epoch_is_bit_identical(trained_run, tmp_path, data_folder):
     """The shared run's model_1.pt, resumed to 2 epochs, ends where the run itself did."""
     cwd, _ = trained_run
