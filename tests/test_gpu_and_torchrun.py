@@ -118,6 +118,18 @@ def test_benchmark_reports_both_pipelines(tmp_path, data_folder, monkeypatch):
     assert "prior samples" in load_script("gpu_check.py").benchmark_figures(result.stdout)
 
 
+def test_benchmark_times_steps_past_one_epoch():
+    """--warmup + --steps past one epoch's batches (a large --batch-size) go on into the next."""
+    class ThreeBatches:
+        def __len__(self):
+            return 3
+
+        def batches(self, batch_size, order):
+            return iter(order.tolist())
+    batches = load_script("benchmark.py").endless_batches(ThreeBatches(), 1)
+    assert sorted(next(batches) for _ in range(6)) == [0, 0, 1, 1, 2, 2]
+
+
 def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, data_folder):
     """VQ-VAE.py's --compile-mode reaches torch.compile (reduce-overhead: CUDA graphs on a GPU,
     README "GPUs and"; benchmark.py's: its test); under torchrun that mode is refused in one line,
