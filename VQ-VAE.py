@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cli import (ArgumentParser, decay_float, fail, nonnegative_float, nonnegative_int,
                  positive_float, positive_int, resolve_device, seed_int)
-from data import MNISTSplit
+from data import TRAIN_IMAGES, MNISTSplit
 from image_grids import image_grid
 from modules import ORIGINAL_CONFIG, VQVAEConfig, vqvae_from_config
 from runs import (TrainingRun, add_run_flags, end_distributed, parse_run_args,
@@ -207,6 +207,10 @@ def main(args, checkpoint=None):
     rank, world_size, device = setup_distributed(device)
     if args.batch_size % world_size:
         fail(f"--batch-size {args.batch_size} must be divisible by the {world_size} processes")
+    last_batch = min(args.train_subset or TRAIN_IMAGES, TRAIN_IMAGES) % args.batch_size
+    if 0 < last_batch < world_size:   # a process would train on no image: a NaN loss
+        fail(f"--train-subset {args.train_subset} with --batch-size {args.batch_size}: the last "
+             f"batch of {last_batch} image(s) cannot be shared by the {world_size} processes")
     shuffle = seed_everything(args.seed)
     train_set = MNISTSplit(args.data_folder, True, device, args.data_pipeline, args.num_workers,
                            args.train_subset)

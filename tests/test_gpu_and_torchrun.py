@@ -100,6 +100,20 @@ def test_torchrun_stop_reaches_every_rank_and_default_codebook_stays_in_step(tmp
     assert torch.load(tmp_path / "models" / "ddp" / "last.pt", weights_only=True)["step"] == 32
 
 
+
+def test_a_last_batch_smaller_than_the_processes_is_refused(tmp_path, monkeypatch, capsys):
+    """Under 2 processes, --train-subset 129 at batch 128 would leave rank 1 an empty last batch (a
+    NaN loss at the epoch's end): refused in one line before any data is read."""
+    vqvae = load_script("VQ-VAE.py")
+    monkeypatch.setattr(vqvae, "setup_distributed", lambda device: (0, 2, device))
+    monkeypatch.chdir(tmp_path)
+    args, checkpoint = vqvae.parse_args(["--train-subset", "129", "--data-folder", "fresh"])
+    with pytest.raises(SystemExit) as exit_info:
+        vqvae.main(args, checkpoint)
+    assert exit_info.value.code == 2
+    assert "--train-subset 129 with --batch-size 128" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
 def test_benchmark_reports_both_pipelines(tmp_path, data_folder, monkeypatch):
     modes = []  # --compile-mode reaches torch.compile (here a stand-in: compiling takes a minute)
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
