@@ -39,7 +39,6 @@ import sys
 
 import matplotlib
 import numpy as np
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from checkpoints import load_checkpoint
@@ -220,6 +219,15 @@ def curves(name):
             for tag in ("codebook/test/codes_used", "codebook/test/perplexity")}
 
 
+def saved_metric(name, file, key):
+    """One figure of the metrics that models/<name>/<file> saved, or one line naming the file."""
+    path = os.path.join("models", name, file)
+    value = load_checkpoint(path, "vqvae", "--num-epochs").get("metrics", {}).get(key)
+    if not isinstance(value, (int, float)):
+        fail(f"{path}: its metrics hold no {key}; delete models/{name}/ to train it again")
+    return value
+
+
 def summary(variant, seeds, num_epochs):
     """-> (row of mean, std per figure, per-epoch curves) over the finished seeds, or None."""
     figures, per_epoch = [], []
@@ -227,12 +235,10 @@ def summary(variant, seeds, num_epochs):
         name = run_name(variant, seed)
         if state(name, num_epochs) != "done":
             continue
-        last = torch.load(os.path.join("models", name, "last.pt"), map_location="cpu",
-                          weights_only=True)
-        seconds = [torch.load(os.path.join("models", name, f"model_{e}.pt"), map_location="cpu",
-                              weights_only=True)["metrics"]["train_seconds"]
+        seconds = [saved_metric(name, f"model_{e}.pt", "train_seconds")
                    for e in range(1, num_epochs + 1)]
-        m = last["metrics"]
+        m = {key: saved_metric(name, "last.pt", key)
+             for key in ("reconstruction", "codes_used", "perplexity")}
         figures.append([m["reconstruction"], m["codes_used"], m["perplexity"],
                         49 * math.log2(m["perplexity"]), float(np.mean(seconds))])
         per_epoch.append(curves(name))

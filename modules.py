@@ -109,17 +109,13 @@ class VectorQuantizedVAE(nn.Module):
         """code indices (B, 7, 7) -> images (B, 1, 28, 28)."""
         return self.decoder(self.codeBook.codewords(latents))            # (B, D, 7, 7) in between
 
-    def forward(self, x, return_indices=False, return_quantized=False):
-        """-> (x_tilde, z_e_x, z_q_x) as in the original, plus indices (B, 7, 7) when asked;
-        with return_quantized, (x_tilde, the quantizer's `Quantized`), what training needs."""
+    def forward(self, x, return_quantized=False):
+        """-> (x_tilde, z_e_x, z_q_x) as in the original; with return_quantized, (x_tilde, the
+        quantizer's `Quantized`), what training needs."""
         z_e_x = self.encoder(x)
         quantized = self.codeBook.quantize(z_e_x)
         x_tilde = self.decoder(quantized.codes)
-        if return_quantized:
-            return x_tilde, quantized
-        z_q_x = quantized.z_q_x
-        return (x_tilde, z_e_x, z_q_x, quantized.indices) if return_indices else \
-            (x_tilde, z_e_x, z_q_x)
+        return (x_tilde, quantized) if return_quantized else (x_tilde, z_e_x, quantized.z_q_x)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import ArgumentParser, fail
+from files import atomic_write, make_output_dirs
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -26,12 +27,23 @@ def read_run(log_dir):
     if not os.path.isdir(log_dir):
         fail(f"{log_dir}: no such folder of TensorBoard event files")
     events = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0}).Reload()
-    if "loss/testing_loss" not in events.Tags()["scalars"]:
-        fail(f"{log_dir}: no test-loss scalars; expected the logs/ folder of a VQ-VAE.py run")
+    tags = events.Tags()
+    missing = [tag for kind, tag in (("scalars", "loss/testing_loss"),
+                                     ("scalars", "codebook/test/perplexity"),
+                                     ("histograms", "codebook/test/usage"))
+               if tag not in tags[kind]]
+    if missing:
+        fail(f"{log_dir}: no {', '.join(missing)} events; expected the logs/ folder of a "
+             f"VQ-VAE.py run that finished an epoch")
     mse = events.Scalars("loss/testing_loss")
     perplexity = events.Scalars("codebook/test/perplexity")
     usage = np.sort(np.array(events.Histograms("codebook/test/usage")[-1].histogram_value.bucket))
     return [e.step for e in mse], [e.value for e in mse], [e.value for e in perplexity], usage[::-1]
+
+
+def save(fig, path):
+    with atomic_write(path) as f:   # a failed call leaves the committed figure whole
+        fig.savefig(f, format="png", dpi=100)
 
 
 def main():
@@ -41,7 +53,7 @@ def main():
     p.add_argument("--output-folder", default="readme_images")
     args = p.parse_args()
     runs = {name: (read_run(getattr(args, key)), colour) for name, key, colour in RUNS}
-    os.makedirs(args.output_folder, exist_ok=True)
+    make_output_dirs(args.output_folder)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, ((epochs, mse, perplexity, _), colour) in runs.items():
@@ -53,7 +65,7 @@ def main():
               ylim=(0, None))
     left.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.output_folder, "test_curves.png"), dpi=100)
+    save(fig, os.path.join(args.output_folder, "test_curves.png"))
 
     fig, ax = plt.subplots(figsize=(10, 3.2))
     for name, ((*_, usage), colour) in runs.items():
@@ -63,7 +75,7 @@ def main():
            ylabel="share of test-set code positions", title="code usage after the last epoch")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.output_folder, "code_usage.png"), dpi=100)
+    save(fig, os.path.join(args.output_folder, "code_usage.png"))
     print(f"wrote {args.output_folder}/test_curves.png and {args.output_folder}/code_usage.png")
 
 

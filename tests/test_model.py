@@ -33,6 +33,14 @@ def test_the_original_modules_names_import_from_modules():
         assert getattr(modules, name) is getattr(vector_quantizer, name)
     assert modules.to_scalar(torch.tensor(2.5)) == 2.5
     assert modules.to_scalar([torch.tensor(1), torch.tensor(2.0)]) == [1, 2.0]
+    # The original's VQEmbedding.straight_through: the codewords forward, the identity backward
+    codebook = modules.VQEmbedding(8, 4)
+    z_e_x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    z_q_x_st, z_q_x = codebook.straight_through(z_e_x)
+    assert torch.equal(z_q_x_st, z_q_x) and torch.equal(
+        z_q_x, codebook.embedding.weight[codebook(z_e_x)].permute(0, 3, 1, 2))
+    z_q_x_st.sum().backward()
+    assert torch.equal(z_e_x.grad, torch.ones_like(z_e_x))
 
 
 def test_init_scales_keep_the_function_and_scale_the_latent():

@@ -240,3 +240,8 @@ def test_compare_quantizers_trains_what_is_missing_and_reports(tmp_path, data_fo
     torch.save(prior, prior_path)
     assert_clean_failure(run(*compare, cwd=tmp_path, check=False), "is a prior over",
                          "models/q_vq_s0/last.pt")
+    # A finished run that lost an epoch's checkpoint (its training time) is named, not a traceback
+    (tmp_path / "models" / "q_lfq_s0" / "model_1.pt").unlink()
+    assert_clean_failure(run("compare_quantizers.py", "--variants", "lfq", "--seeds", "0",
+                             "--num-epochs", "1", "--report-only", cwd=tmp_path, check=False),
+                         "models/q_lfq_s0/model_1.pt", "no such file")

@@ -147,3 +147,28 @@ def test_tensorboard_server_serves_the_logs(trained_run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_readme_figures_are_drawn_from_a_runs_events(trained_run, tmp_path):
+    """readme_figures.py draws both PNGs from a run's event files; a folder of events without the
+    code-usage histogram, or an output folder that is a file, is one line and writes nothing."""
+    cwd, _ = trained_run
+    logs = str(cwd / "logs" / "tiny")
+    run("readme_figures.py", "--original-run", logs, "--default-run", logs, "--output-folder",
+        "figures", cwd=tmp_path)
+    for name in ("test_curves.png", "code_usage.png"):
+        assert (tmp_path / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(partial) as writer:
+        for tag in ("loss/testing_loss", "codebook/test/perplexity"):
+            writer.add_scalar(tag, 1.0, 1)
+    result = run("readme_figures.py", "--original-run", str(partial), "--default-run", logs,
+                 "--output-folder", "other", cwd=tmp_path, check=False)
+    assert_clean_failure(result, str(partial), "codebook/test/usage")
+    (tmp_path / "a_file").write_text("")
+    result = run("readme_figures.py", "--original-run", logs, "--default-run", logs,
+                 "--output-folder", "a_file", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "a_file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "figures", "partial"]
