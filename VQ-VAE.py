@@ -30,11 +30,11 @@ from image_grids import image_grid
 from modules import ORIGINAL_CONFIG, VQVAEConfig, vqvae_from_config
 from runs import (TrainingRun, add_run_flags, end_distributed, parse_run_args,
                   resume_is_complete, seed_everything, typed_flags)
-from training import (LR_SCHEDULES, add_compile_flags, check_compile_flags, code_usage,
-                      evaluate_vqvae, loss_weights, make_optimizer, make_precision, make_scheduler,
-                      maybe_compile, train_step)
-from vector_quantizer import (CODEBOOK_INITS, CODEBOOKS, FSQ_MAX_LEVEL, GRADIENTS, MAX_IMPLICIT_K,
-                              QUANTIZERS)
+from training import (LR_SCHEDULES, add_compile_flags, check_compile_flags, evaluate_vqvae,
+                      loss_weights, make_optimizer, make_precision, make_scheduler, maybe_compile,
+                      step_scalar_tags, step_scalars, train_step)
+from vector_quantizer import (CODEBOOK_INITS, CODEBOOKS, GRADIENTS, QUANTIZERS, fsq_levels_problem,
+                              lfq_k_problem)
 
 # A --resume must agree with the checkpoint on these; others (device, epochs at a constant learning
 # rate, ...) may be changed.
@@ -50,13 +50,6 @@ BEFORE_FLAGS = {**asdict(ORIGINAL_CONFIG), "fsq_levels": list(ORIGINAL_CONFIG.fs
 QUANTIZER_FLAGS = {"codebook": ("vq",), "codebook_init": ("vq",), "ema_decay": ("vq",),
                    "dead_code_threshold": ("vq",), "gradient": ("vq",), "fsq_levels": ("fsq",),
                    "lfq_entropy_weight": ("lfq",), "beta": ("vq", "lfq", "simvq")}
-
-
-def train_scalars(quantizer):
-    """The TensorBoard tags logged every step, in the order `train_step`'s figures are stacked."""
-    return ("loss/train/training_loss", "loss/train/reconstruction", "loss/train/quantization",
-            *(f"loss/train/{name}" for name in quantizer.loss_names),
-            "codebook/train/perplexity", "codebook/train/codes_used")
 
 
 def build_parser():
@@ -94,7 +87,7 @@ def build_parser():
                    default=DEFAULTS.dead_code_threshold,
                    help="re-seed codes used fewer times per batch (EMA) than this; 0 disables")
     g.add_argument("--gradient", choices=GRADIENTS, default=DEFAULTS.gradient,
-                   help="how the decoder's gradient crosses the quantizer (seed: straight-through)")
+                   help="how the decoder's gradient crosses the quantizer (the original's: straight-through)")
     g = p.add_argument_group("initialisation (1 and 1: the original's Xavier init)")
     g.add_argument("--conv-init-scale", type=positive_float,
                    default=DEFAULTS.conv_init_scale,
@@ -149,18 +142,15 @@ def check_quantizer_flags(args, typed):
                  f"--quantizer {args.quantizer}")
     if args.quantizer == "fsq":
         levels, product = " ".join(map(str, args.fsq_levels)), math.prod(args.fsq_levels)
-        if not 2 <= min(args.fsq_levels) <= max(args.fsq_levels) <= FSQ_MAX_LEVEL or \
-                product > MAX_IMPLICIT_K:
-            fail(f"--fsq-levels {levels}: expected levels from 2 to {FSQ_MAX_LEVEL} whose product "
-                 f"(K) is at most {MAX_IMPLICIT_K}")
+        if problem := fsq_levels_problem(args.fsq_levels):
+            fail(f"--fsq-levels {levels}: {problem}")
         if "k" in typed and args.k != product:
             default = "" if "fsq_levels" in typed else " (the default)"
             fail(f"--k {args.k} contradicts --fsq-levels {levels}{default}, whose product "
                  f"K = {product} is FSQ's number of codes")
         args.k = product
-    if args.quantizer == "lfq" and (args.k < 2 or args.k & (args.k - 1) or args.k > MAX_IMPLICIT_K):
-        fail(f"--k {args.k}: --quantizer lfq needs a power of two from 2 to {MAX_IMPLICIT_K} "
-             f"(each code is log2 K bits)")
+    if args.quantizer == "lfq" and (problem := lfq_k_problem(args.k)):
+        fail(f"--k {args.k} with --quantizer lfq: {problem}")
 
 
 def setup_distributed(device):
@@ -230,7 +220,7 @@ def main(args, checkpoint=None):
     weights, quantizer = loss_weights(args.beta, args.lfq_entropy_weight), raw_model.codeBook
     # Every input is checked: only now is anything written.
     with TrainingRun("VQ-VAE.py", "vqvae", args, asdict(config), state, checkpoint, shuffle,
-                     train_scalars(quantizer), rank, world_size, device) as run:
+                     step_scalar_tags(quantizer.loss_names), rank, world_size, device) as run:
         model = torch.nn.parallel.DistributedDataParallel(raw_model) if world_size > 1 else raw_model
         model = maybe_compile(model, device, args.compile_mode) if args.compile else model
         writer, fixed_images = run.writer, next(test_set.batches(16))[0]
@@ -263,11 +253,7 @@ def main(args, checkpoint=None):
                     if scheduler:
                         scheduler.step()
                     # log: one host sync every --log-every steps (torchrun processes agree there)
-                    _, perplexity, used = code_usage(losses.indices, args.k)
-                    rows = run.step_done(torch.stack([
-                        losses.loss, losses.reconstruction, losses.quantization,
-                        *(losses.terms[name] for name in quantizer.loss_names),
-                        perplexity, used.float()]))
+                    rows = run.step_done(step_scalars(losses, args.k, quantizer.loss_names))
                     if rows:
                         bar.set_postfix(loss=f"{rows[-1][0]:.4f}")
             train_seconds = time.time() - started

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from checkpoints import load_prior, load_vqvae
+from checkpoints import PRETRAINED, load_prior, load_vqvae
 from cli import (ArgumentParser, add_data_and_device_flags, nonnegative_int, positive_int,
                  resolve_device)
 from data import MNISTSplit
@@ -79,9 +79,8 @@ def time_full_run(args):
 
 def time_prior_samples(n, device):
     """-> (seconds to draw and decode n digits, the sampler's options)."""
-    pretrained = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained")
-    vqvae, _ = load_vqvae(os.path.join(pretrained, "vqvae_mnist.pt"), device)
-    path = os.path.join(pretrained, "prior_mnist.pt")
+    vqvae, _ = load_vqvae(os.path.join(PRETRAINED, "vqvae_mnist.pt"), device)
+    path = os.path.join(PRETRAINED, "prior_mnist.pt")
     prior = load_prior(path, device, vqvae.codeBook.K)
     sampler = {"temperature": 1.0, **sampler_options(prior, path)}
     labels = torch.arange(n, device=device) % 10

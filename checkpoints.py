@@ -23,6 +23,8 @@ from modules import ORIGINAL_CONFIG, VQVAEConfig, original_config_with, vqvae_fr
 from priors import prior_config, prior_from_config
 
 
+# The committed checkpoints (model.txt), wherever the script using them is run from
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained")
 CHECKPOINT_KINDS = {"vqvae": "VQ-VAE.py", "prior": "pixelcnn_prior.py", "classifier": "classifier.py"}
 
 

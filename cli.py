@@ -74,7 +74,8 @@ decay_float = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 a
 
 
 def add_data_and_device_flags(parser):
-    """--data-folder and --device, as every script but VQ-VAE.py (the original's order) takes them."""
+    """--data-folder and --device (VQ-VAE.py and generate.py declare their own, in the original's
+    order)."""
     parser.add_argument("--data-folder", default="data", help="MNIST is in <folder>/MNIST/raw")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 

@@ -40,26 +40,24 @@ def kernel_distance(a, b, subsets=50, subset_size=1000, seed=0):
     return torch.stack(estimates).mean().item()
 
 
-def _distances(x, y, chunk=1000):
-    """Pairwise Euclidean distances (N, M), computed in row chunks."""
-    return torch.cat([torch.cdist(part, y) for part in x.split(chunk)])
-
-
 def _kth_neighbour_radii(x, k):
-    """Each row's distance to its k-th nearest other row (its k-NN ball's radius)."""
+    """Each row's distance to its k-th nearest other row (its k-NN ball's radius), in row chunks
+    of 1,000 so that no (N, N) matrix is held at once."""
     return torch.cat([torch.cdist(part, x).topk(k + 1, largest=False).values[:, -1]
                       for part in x.split(1000)])
+
+
+def _inside_some_ball(points, centres, radii):
+    """points (M, D) -> (M,) bool: within radii (N,) of some row of centres (N, D); chunked."""
+    return torch.cat([(torch.cdist(part, centres) <= radii).any(1) for part in points.split(1000)])
 
 
 def precision_recall(real, fake, k=3):
     """features real (N, D), fake (M, D) -> (precision: the share of fake points inside some real
     point's k-NN ball; recall: the share of real points inside some fake point's k-NN ball)."""
     real, fake = real.float(), fake.float()
-    real_radii, fake_radii = _kth_neighbour_radii(real, k), _kth_neighbour_radii(fake, k)
-    inside_real = torch.cat([(_distances(part, real) <= real_radii).any(1)
-                             for part in fake.split(1000)])
-    inside_fake = torch.cat([(_distances(part, fake) <= fake_radii).any(1)
-                             for part in real.split(1000)])
+    inside_real = _inside_some_ball(fake, real, _kth_neighbour_radii(real, k))
+    inside_fake = _inside_some_ball(real, fake, _kth_neighbour_radii(fake, k))
     return inside_real.float().mean().item(), inside_fake.float().mean().item()
 
 

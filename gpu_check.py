@@ -1,4 +1,6 @@
-"""Run every script of the repo on a CUDA GPU, as a user would, and print one table and one JSON line.
+"""Run the scripts that train, evaluate, draw, judge and time (VQ-VAE.py, evaluate.py, generate.py,
+pixelcnn_prior.py, classifier.py, sample_quality.py, benchmark.py) on a CUDA GPU, as a user would,
+and print one table and one JSON line.
 
     python3 gpu_check.py                  # the first GPU; says so and exits 0 when there is none
     python3 gpu_check.py --device cpu     # the same checks on the CPU, to try the check itself
@@ -24,15 +26,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from checkpoints import PRETRAINED
 from cli import ArgumentParser, positive_int, resolve_device
 from data import MNISTSplit, prepare_mnist
 from modules import VQVAEConfig, vqvae_from_config
-from training import (GradScaler, code_usage, loss_weights, make_optimizer, make_precision,
-                      make_scheduler, train_step)
+from training import (GradScaler, loss_weights, make_optimizer, make_precision, make_scheduler,
+                      step_scalars, train_step)
 from vector_quantizer import QUANTIZERS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-PRETRAINED = os.path.join(REPO, "models", "pretrained")
 RESULT = {True: "ok", False: "FAILED", None: "not run"}
 COMPILED_AMP = "VQ-VAE.py --compile --amp"
 GRAPHS = "VQ-VAE.py --compile --compile-mode reduce-overhead --amp (CUDA graphs)"
@@ -205,16 +207,14 @@ def steps_without_host_sync(device, data, amp_dtype, scaler, quantizer="vq", ste
             torch.cuda.set_sync_debug_mode("error")
         losses = train_step(model, optimizer, scaler, images, loss_weights(1.0), amp_dtype)
         scheduler.step()
-        _, perplexity, used = code_usage(losses.indices, model.codeBook.K)
-        pending.append(torch.stack([losses.loss, losses.reconstruction, losses.quantization,
-                                    *losses.terms.values(), perplexity, used.float()]))
+        pending.append(step_scalars(losses, model.codeBook.K, model.codeBook.loss_names))
     torch.cuda.set_sync_debug_mode("default")
     loss = torch.stack(pending)[-1, 0].item()
     return f"{steps} steps, {str(amp_dtype or torch.float32).split('.')[1]}, loss {loss:.4f}"
 
 
 def main():
-    p = ArgumentParser(prog="gpu_check.py", description="Run every script on a CUDA GPU.")
+    p = ArgumentParser(prog="gpu_check.py", description="Run the training, drawing, judging and timing scripts on a CUDA GPU.")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu to try the check")
     p.add_argument("--timeout", type=positive_int, default=240, help="seconds per check")
     p.add_argument("--no-full-run", action="store_true",

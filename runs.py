@@ -454,10 +454,12 @@ class TrainingRun:
         An epoch ended early is saved as mid-epoch, so that a resume with more steps finishes it,
         and only in best.pt and last.pt: model_<epoch>.pt holds whole epochs."""
         epoch_done = self.batch_in_epoch >= self.steps_per_epoch
-        if score < self.best:
+        improved = score < self.best
+        if improved:
             self.best = score
-            self.save("best.pt", self.checkpoint(metrics, epoch_done))
-        checkpoint = self.checkpoint(metrics, epoch_done)
+        checkpoint = self.checkpoint(metrics, epoch_done)   # one state, in up to three files
+        if improved:
+            self.save("best.pt", checkpoint)
         if every_epoch and epoch_done:
             self.save(f"model_{self.epoch + 1}.pt", checkpoint)
         self.save("last.pt", checkpoint)

@@ -41,17 +41,17 @@ import os
 
 import torch
 
-from checkpoints import load_checkpoint, load_classifier, load_prior, load_vqvae, run_settings
-from cli import (ArgumentParser, add_vqvae_size_flags, int_between, keep_fraction,
-                 nonnegative_int, positive_float, positive_int, resolve_device, seed_int,
-                 unit_float, vqvae_sizes)
+from checkpoints import (PRETRAINED, load_checkpoint, load_classifier, load_prior, load_vqvae,
+                         run_settings)
+from cli import (ArgumentParser, add_data_and_device_flags, add_vqvae_size_flags, int_between,
+                 keep_fraction, nonnegative_int, positive_float, positive_int, resolve_device,
+                 seed_int, unit_float, vqvae_sizes)
 from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, normalize, to_uint8
 from distribution_measures import (frechet_distance, kernel_distance, precision_recall,
                                    two_sample_accuracy)
 from sampling import guidance_scale, sample_prior, sampler_options, scale_text
 from vector_quantizer import count_codes
 
-PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained")
 JUDGES = [os.path.join(PRETRAINED, name)
           for name in ("classifier.pt", "classifier_mlp.pt", "classifier_aug.pt")]
 REFERENCE_START = TRAIN_IMAGES - HOLD_OUT          # reconstructions of 50,000.. : the reference
@@ -108,10 +108,9 @@ def build_parser():
     p.add_argument("--keeps", type=keep_fraction, nargs="+", default=[None], metavar="F",
                    help="generate.py --keep: the fraction of drawn maps kept per digit, by the "
                         "prior's own evidence (default: generate.py's default for this prior)")
-    p.add_argument("--data-folder", default="data")
+    add_data_and_device_flags(p)
     p.add_argument("--test-subset", type=int_between(MIN_IMAGES, 10000), default=None,
                    help="the test images compared with: the first N (default: all 10,000)")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", "--seed", type=seed_int, nargs="+", default=[0], metavar="S",
                    help="sampling seeds: each sampler draws N samples per seed; figures are also "
                         "averaged over them, and the protocol chooses on the means (the baselines "

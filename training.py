@@ -155,6 +155,22 @@ def code_usage(indices, K):
     return counts, perplexity(counts), (counts > 0).sum()
 
 
+def step_scalar_tags(loss_names):
+    """The TensorBoard tags VQ-VAE.py logs every step, in `step_scalars`' order; `loss_names`: the
+    quantizer's own loss terms."""
+    return ("loss/train/training_loss", "loss/train/reconstruction", "loss/train/quantization",
+            *(f"loss/train/{name}" for name in loss_names),
+            "codebook/train/perplexity", "codebook/train/codes_used")
+
+
+def step_scalars(losses, K, loss_names):
+    """`train_step`'s losses -> one step's figures (len(`step_scalar_tags`),), still on the device:
+    read back only every --log-every steps, so the step itself never waits for the host."""
+    _, perplexity, used = code_usage(losses.indices, K)
+    return torch.stack([losses.loss, losses.reconstruction, losses.quantization,
+                        *(losses.terms[name] for name in loss_names), perplexity, used.float()])
+
+
 @torch.no_grad()
 def evaluate_vqvae(model, split, batch_size=500):
     """Eval-mode pass over a whole split -> dict of floats: reconstruction (MSE on [-1, 1]),

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 QUANTIZERS = ("vq", "fsq", "lfq", "simvq")
 FSQ_LEVELS = (8, 8, 8)       # FSQ's default: K = 512, every level >= 5 as the paper advises
 FSQ_MAX_LEVEL = 1000         # the bound's (1 + eps) margin would reach a further integer past this
-MAX_IMPLICIT_K = 2 ** 16     # FSQ's and LFQ's K: int64 indices, LFQ's entropy over all K codes
+MAX_IMPLICIT_K = 2 ** 16     # FSQ's and LFQ's K: per-batch code counts (K,), LFQ's (N, K) entropy terms
 CODEBOOKS = ("loss", "ema")
 CODEBOOK_INITS = ("uniform", "kmeans")
 GRADIENTS = ("straight-through", "rotation")
@@ -150,6 +150,21 @@ def channels_last(z):
 def channels_first(z):
     """(B, H, W, C) -> (B, C, H, W), contiguous (the decoder's in-place ReLU needs its own copy)."""
     return z.permute(0, 3, 1, 2).contiguous()
+
+
+def fsq_levels_problem(levels):
+    """What makes FSQ levels unusable, or None: the script's flag errors and the class share it."""
+    if not levels or min(levels) < 2 or max(levels) > FSQ_MAX_LEVEL or \
+            math.prod(levels) > MAX_IMPLICIT_K:
+        return f"expected levels from 2 to {FSQ_MAX_LEVEL} whose product (K) is at most {MAX_IMPLICIT_K}"
+    return None
+
+
+def lfq_k_problem(K):
+    """What makes K unusable for LFQ, or None."""
+    if K < 2 or K & (K - 1) or K > MAX_IMPLICIT_K:
+        return f"LFQ needs a power of two from 2 to {MAX_IMPLICIT_K} (each code is log2 K bits)"
+    return None
 
 
 class Quantizer(nn.Module):
@@ -321,10 +336,8 @@ class FiniteScalarQuantizer(Quantizer):
 
     def __init__(self, D, levels):
         super().__init__()
-        if not levels or min(levels) < 2 or max(levels) > FSQ_MAX_LEVEL or \
-                math.prod(levels) > MAX_IMPLICIT_K:
-            raise ValueError(f"FSQ levels must be integers in [2, {FSQ_MAX_LEVEL}] with a product "
-                             f"of at most {MAX_IMPLICIT_K}, got {list(levels)}")
+        if problem := fsq_levels_problem(levels):
+            raise ValueError(f"FSQ levels {list(levels)}: {problem}")
         self.K, self.D, self.levels = math.prod(levels), D, tuple(levels)
         self.register_buffer("_levels", torch.tensor(levels), persistent=False)
         self.register_buffer("_basis", torch.cumprod(torch.tensor([1, *levels[:-1]]), 0),
@@ -380,9 +393,9 @@ class LookupFreeQuantizer(Quantizer):
 
     def __init__(self, K, D, temperature=0.01):
         super().__init__()
-        bits = round(math.log2(K)) if K > 0 else 0
-        if K < 2 or 2 ** bits != K or K > MAX_IMPLICIT_K:
-            raise ValueError(f"LFQ needs K a power of two from 2 to {MAX_IMPLICIT_K}, got {K}")
+        if problem := lfq_k_problem(K):
+            raise ValueError(f"LFQ with K = {K}: {problem}")
+        bits = round(math.log2(K))
         self.K, self.D, self.bits, self.temperature = K, D, bits, temperature
         self.loss_names = ("commitment", "entropy")
         self.register_buffer("_powers", 2 ** torch.arange(bits), persistent=False)

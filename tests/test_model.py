@@ -172,8 +172,7 @@ def test_training_step_never_reads_a_value_back_to_the_host(data_folder, monkeyp
     on meta, k-means init, EMA update, dead-code restart and code usage included, has no host sync
     on CUDA either. (Autocast knows no meta device; it is a no-op here.)"""
     import contextlib
-    from training import code_usage, make_optimizer, make_precision, make_scheduler
-    from training import train_step
+    from training import make_optimizer, make_precision, make_scheduler, step_scalars, train_step
     monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
     split = MNISTSplit(data_folder, True, "meta", limit=256)
     model = vqvae_from_config(VQVAEConfig(quantizer=quantizer)).to("meta")
@@ -184,9 +183,7 @@ def test_training_step_never_reads_a_value_back_to_the_host(data_folder, monkeyp
     for images, _ in split.batches(64, torch.randperm(256)):
         losses = train_step(model, optimizer, scaler, images, loss_weights(1.0), amp_dtype)
         scheduler.step()
-        _, perplexity, used = code_usage(losses.indices, 512)
-        pending.append(torch.stack([losses.loss, losses.reconstruction, losses.quantization,
-                                    *losses.terms.values(), perplexity, used.float()]))
+        pending.append(step_scalars(losses, 512, model.codeBook.loss_names))
     assert len(pending) == 4 and torch.stack(pending).device.type == "meta"
     assert getattr(model.codeBook, "_needs_init", False) is False  # the k-means init ran too
 
