@@ -11,6 +11,7 @@ from dataclasses import fields
 import os
 import pickle
 import warnings
+import zipfile
 
 import torch
 
@@ -48,6 +49,9 @@ def load_checkpoint(path, kind, flag="--model"):
         fail(f"{flag} {path}: is a folder; expected a checkpoint file")
     if not os.path.isfile(path):
         fail(f"{flag} {path}: no such file")
+    if damaged := failed_checksum(path):
+        fail(f"{flag} {path}: damaged, {damaged} does not match its checksum (a disk error or a "
+             f"bad copy); refused")
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning: the line below says it
             warnings.simplefilter("ignore", UserWarning)
@@ -84,6 +88,20 @@ def load_checkpoint(path, kind, flag="--model"):
                                                  checkpoint.pop("int8_scales"), flag, path)
     finite(checkpoint["state_dict"], flag, path)
     return checkpoint
+
+
+def failed_checksum(path):
+    """The first record of a checkpoint in torch.save's zip format whose bytes do not match their
+    CRC-32, or None: torch.load does not check them, so a flipped byte would load as a wrong weight.
+    None too for a file that is not a zip (torch.load then judges it)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception:  # zipfile raises several types for damaged record headers
+        return "its record table"
+    return None if bad is None else f"record {bad}"
 
 
 def finite(state_dict, flag, path):

@@ -349,3 +349,18 @@ def test_export_checkpoint_keeps_a_vqvae_and_an_original_state_dict(tmp_path, tr
         result = run("export_checkpoint.py", *args, cwd=tmp_path, check=False)
         assert_clean_failure(result, *words)
     assert not os.path.exists(tmp_path / "x.pt") and os.path.isfile(tmp_path / "inf.pt")
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused(tmp_path):
+    """torch.load does not check its zip records' CRCs: one flipped bit in a weight's bytes would
+    load as a wrong weight. load_checkpoint checks them first, and names the file."""
+    data = bytearray(open(PRETRAINED_VQVAE, "rb").read())
+    data[len(data) // 3] ^= 1
+    (tmp_path / "flipped.pt").write_bytes(data)
+    with pytest.raises(SystemExit) as exit_info:
+        load_checkpoint(str(tmp_path / "flipped.pt"), "vqvae")
+    assert exit_info.value.code == 2
+    result = run("generate.py", "--model", "flipped.pt", "--input", "random", cwd=tmp_path,
+                 check=False)
+    assert_clean_failure(result, "flipped.pt", "checksum")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flipped.pt"]
