@@ -34,10 +34,13 @@ def check_run_name(name, resume, overwrite):
     if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
         fail(f"--output-folder {name!r}: expected a run name (a plain folder name), not a path")
     model_dir = os.path.join("models", name)
-    if glob.glob(os.path.join(model_dir, "*.pt")) and not continues(resume, model_dir) \
-            and not overwrite:
+    checkpoints = glob.glob(os.path.join(model_dir, "*.pt"))
+    if checkpoints and not continues(resume, model_dir) and not overwrite:
+        # last.pt, unless the run was killed before writing it (then its newest checkpoint)
+        latest = os.path.join(model_dir, "last.pt")
+        latest = latest if latest in checkpoints else max(checkpoints, key=os.path.getmtime)
         fail(f"{model_dir}/ already holds checkpoints of an earlier run; pass "
-             f"--resume {model_dir}/last.pt to continue it or --overwrite to start over")
+             f"--resume {latest} to continue it or --overwrite to start over")
 
 
 def continues(resume, model_dir):
@@ -256,16 +259,15 @@ def restore_cuda_rng(states):
         torch.cuda.set_rng_state(cuda_state, index)
 
 
-def agree_to_stop(signum, nonfinite, world_size, device):
-    """-> (signal number, whether a loss was non-finite), each the maximum over all processes. Every
-    process calls it at the same step (one all-reduce), so a signal that reached one process, or a
-    NaN in one, stops them all at that step instead of leaving the rest waiting in a collective."""
+def max_over_processes(values, world_size, device):
+    """A list of ints -> each one's maximum over all torchrun processes. Every process calls it at
+    the same point (one all-reduce), so what reached one process (a signal, a NaN, a refusal)
+    stops them all there instead of leaving the rest waiting in a collective."""
     if world_size == 1:
-        return signum, nonfinite
-    flags = torch.tensor([signum, int(nonfinite)], device=device)
+        return values
+    flags = torch.tensor(values, device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    signum, nonfinite = flags.tolist()
-    return signum, bool(nonfinite)
+    return flags.tolist()
 
 
 def end_distributed(world_size):
@@ -316,8 +318,15 @@ class TrainingRun:
         self.best = float("inf")  # the lowest score passed to save_epoch so far
         if checkpoint:
             self._restore(checkpoint, args.resume)
-        self.log_dir, self.model_dir, self.claim = prepare_run_folders(
-            args.output_folder, args.resume, args.overwrite, rank)
+        try:
+            self.log_dir, self.model_dir, self.claim = prepare_run_folders(
+                args.output_folder, args.resume, args.overwrite, rank)
+            refused = None
+        except SystemExit as refusal:   # rank 0's one line is printed; under torchrun all stop
+            refused = refusal
+        if max_over_processes([int(refused is not None)], world_size, device)[0]:
+            end_distributed(world_size)
+            raise refused or SystemExit(2)
         self.signals, self.pending = [], []
         self.handlers = {signum: signal.signal(signum, self._request_stop)
                          for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -417,8 +426,8 @@ class TrainingRun:
         self.pending.clear()
         first_step = self.step - len(rows) + 1
         bad = next((i for i, row in enumerate(rows) if not all(map(math.isfinite, row))), None)
-        signum, nonfinite = agree_to_stop(self.signals[0] if self.signals else 0, bad is not None,
-                                          self.world_size, self.device)
+        signum, nonfinite = max_over_processes([self.signals[0] if self.signals else 0,
+                                                int(bad is not None)], self.world_size, self.device)
         if nonfinite:
             end_distributed(self.world_size)
             where = f"became {rows[bad][0]} at step {first_step + bad}" if bad is not None else \
@@ -443,8 +452,11 @@ class TrainingRun:
             # a resume takes every setting from the checkpoint except where the data and device are
             local = "".join(f" --{key.replace('_', '-')} {shlex.quote(str(self.run_config[key]))}"
                             for key in ("data_folder", "device") if self.run_config.get(key))
-            print(f"resume with:\n  python {self.script} --resume {self.model_dir}/last.pt{local}",
-                  file=sys.stderr)
+            # the same number of processes: another number continues, but not bit-identically
+            launcher = f"torchrun --nproc_per_node={self.world_size}" if self.world_size > 1 \
+                else "python"
+            print(f"resume with:\n  {launcher} {self.script} --resume {self.model_dir}/last.pt"
+                  f"{local}", file=sys.stderr)
         end_distributed(self.world_size)
         sys.exit(128 + signum)
 

@@ -89,6 +89,7 @@ def test_torchrun_stop_reaches_every_rank_and_default_codebook_stays_in_step(tmp
     assert [line.split()[1] for line in stops] == ["0", "1"], stderr[-3000:]
     step = int(stops[0].split()[-1])
     assert stops[1].split()[-1] == str(step)  # the same step on both ranks
+    assert "torchrun --nproc_per_node=2 VQ-VAE.py --resume models/ddp/last.pt" in stderr
     cut = torch.load(tmp_path / "models" / "ddp" / "last.pt", weights_only=True)
     assert cut["step"] == step and 0 < step < 32
     result = subprocess.run([*torchrun, "--resume", "models/ddp/last.pt", "--data-folder",
@@ -99,6 +100,24 @@ def test_torchrun_stop_reaches_every_rank_and_default_codebook_stays_in_step(tmp
     assert len(checksums) == 2 and checksums[0].split()[-1] == checksums[1].split()[-1], checksums
     assert torch.load(tmp_path / "models" / "ddp" / "last.pt", weights_only=True)["step"] == 32
 
+
+
+def test_a_refusal_by_rank_0_stops_every_rank_in_one_line(tmp_path, data_folder):
+    """Only rank 0 claims the run folder: when another run holds it, every process stops with
+    rank 0's one line (rank 1 used to go on into DDP and die with a gloo traceback)."""
+    from files import claim_folder
+    (tmp_path / "models" / "b").mkdir(parents=True)
+    claim = claim_folder(str(tmp_path / "models" / "b"))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(REPO, "VQ-VAE.py"), "--output-folder", "b", "--data-folder", data_folder,
+         *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    claim.release()
+    assert result.returncode != 0
+    assert result.stderr.count("error: --output-folder b: another run is writing") == 1, \
+        result.stderr[-3000:]
+    assert "[rank1]" not in result.stderr and "exitcode  : 2" in result.stderr, result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "models" / "b")) == [".run.lock"]
 
 
 def test_a_last_batch_smaller_than_the_processes_is_refused(tmp_path, monkeypatch, capsys):

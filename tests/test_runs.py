@@ -208,6 +208,14 @@ def test_existing_run_is_not_overwritten(trained_run, data_folder, tmp_path):
                  "--data-folder", data_folder, cwd=cwd, check=False)
     assert_clean_failure(result, "--overwrite", "models/tiny/")
     assert (cwd / "models" / "tiny" / "best.pt").read_bytes() == before
+    # A run killed before it wrote last.pt: the advice names a checkpoint it has
+    shutil.copytree(cwd / "models" / "tiny", tmp_path / "models" / "tiny")
+    (tmp_path / "models" / "tiny" / "last.pt").unlink()
+    result = run("VQ-VAE.py", "--output-folder", "tiny", "--data-folder", data_folder, *TINY,
+                 cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--resume models/tiny/", "--overwrite")
+    suggested = result.stderr.split("--resume ")[1].split()[0]
+    assert suggested != "models/tiny/last.pt" and (tmp_path / suggested).is_file()
 
 
 def test_resume_counts_every_typed_flag(trained_run, data_folder, tmp_path):
