@@ -69,6 +69,9 @@ def prepare_run_folders(name, resume, overwrite, rank=0):
         for path in glob.glob(os.path.join(model_dir, "*.pt")) + \
                 glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
             os.remove(path)
+    # Under the claim no other process saves here: a partial save is a killed run's leftover
+    for path in glob.glob(os.path.join(model_dir, "*.pt.tmp-*")):
+        os.remove(path)
     return log_dir, model_dir, claim
 
 

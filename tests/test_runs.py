@@ -32,7 +32,7 @@ def test_two_runs_of_one_name_cannot_both_write(tmp_path, monkeypatch, capsys):
 def test_overwrite_by_another_runs_resume_starts_the_folder_afresh(tmp_path, monkeypatch):
     """--resume of run a's checkpoint into run b's folder with --overwrite deletes b's earlier
     checkpoints and event files (b's best.pt would otherwise outlive b); resuming b itself keeps
-    them."""
+    them, and deletes only a killed save's partial file."""
     from runs import prepare_run_folders
     monkeypatch.chdir(tmp_path)
     earlier = [tmp_path / "models" / "b" / "best.pt", tmp_path / "models" / "b" / "model_5.pt",
@@ -40,8 +40,10 @@ def test_overwrite_by_another_runs_resume_starts_the_folder_afresh(tmp_path, mon
     for path in earlier:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"earlier run")
+    killed_mid_save = tmp_path / "models" / "b" / "last.pt.tmp-123-0a1b2c3d"
+    killed_mid_save.write_bytes(b"partial")
     prepare_run_folders("b", "models/b/last.pt", False)[2].release()
-    assert all(path.exists() for path in earlier)
+    assert all(path.exists() for path in earlier) and not killed_mid_save.exists()
     prepare_run_folders("b", "models/a/last.pt", True)[2].release()
     assert not any(path.exists() for path in earlier)
 
