@@ -46,6 +46,7 @@ from cli import (ArgumentParser, add_data_and_device_flags, fail, nonnegative_in
                  seed_int)
 from files import atomic_write, check_file_to_write, claim_folder
 from modules import ORIGINAL_CONFIG
+from runs import one_value_per_step
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -215,7 +216,7 @@ def curves(name):
     if not os.path.isdir(log_dir):
         fail(f"{log_dir}: no such folder; the run's TensorBoard events draw the figure")
     events = EventAccumulator(log_dir, size_guidance={"scalars": 0}).Reload()
-    return {tag: [e.value for e in events.Scalars(tag)]
+    return {tag: one_value_per_step(events.Scalars(tag))[1]
             for tag in ("codebook/test/codes_used", "codebook/test/perplexity")}
 
 

@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cli import ArgumentParser, fail
 from files import atomic_write, make_output_dirs
+from runs import one_value_per_step
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -35,10 +36,10 @@ def read_run(log_dir):
     if missing:
         fail(f"{log_dir}: no {', '.join(missing)} events; expected the logs/ folder of a "
              f"VQ-VAE.py run that finished an epoch")
-    mse = events.Scalars("loss/testing_loss")
-    perplexity = events.Scalars("codebook/test/perplexity")
+    epochs, mse = one_value_per_step(events.Scalars("loss/testing_loss"))
+    _, perplexity = one_value_per_step(events.Scalars("codebook/test/perplexity"))
     usage = np.sort(np.array(events.Histograms("codebook/test/usage")[-1].histogram_value.bucket))
-    return [e.step for e in mse], [e.value for e in mse], [e.value for e in perplexity], usage[::-1]
+    return epochs, mse, perplexity, usage[::-1]
 
 
 def save(fig, path):

@@ -75,6 +75,15 @@ def prepare_run_folders(name, resume, overwrite, rank=0):
     return log_dir, model_dir, claim
 
 
+def one_value_per_step(events):
+    """One tag's TensorBoard scalar events, as EventAccumulator.Scalars gives them -> (steps,
+    values), the last value logged at each step: an epoch that --max-steps ended mid-way is
+    evaluated, and its resume logs the finished epoch's test figures at the same epoch number
+    again (as does a run killed after logging an epoch, before saving it)."""
+    last = {event.step: event.value for event in events}   # in the order written: later wins
+    return sorted(last), [last[step] for step in sorted(last)]
+
+
 def add_run_flags(parser, examples, hold_out=None):
     """The flags every trainer has (--resume, --overwrite, --train-subset, --test-subset,
     --log-every), and with `hold_out` (its default) --hold-out: `examples` names what is trained

@@ -48,6 +48,20 @@ def test_overwrite_by_another_runs_resume_starts_the_folder_afresh(tmp_path, mon
     assert not any(path.exists() for path in earlier)
 
 
+def test_an_epoch_logged_twice_reads_as_its_last_value(tmp_path, data_folder):
+    """A constant-rate run stopped by --max-steps mid-epoch 1 evaluates it; resumed, it logs epoch
+    1's test figures again: the readers (compare_quantizers.py, readme_figures.py) keep the last."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from runs import one_value_per_step
+    run("VQ-VAE.py", "--output-folder", "cut", "--data-folder", data_folder, "--num-epochs", "2",
+        "--max-steps", "5", *TINY, *CONSTANT_LR, cwd=tmp_path)
+    run("VQ-VAE.py", "--resume", "models/cut/last.pt", "--max-steps", "32", "--data-folder",
+        data_folder, cwd=tmp_path)
+    events = EventAccumulator(str(tmp_path / "logs" / "cut")).Reload().Scalars("loss/testing_loss")
+    assert [e.step for e in events] == [1, 1, 2]
+    assert one_value_per_step(events) == ([1, 2], [events[1].value, events[2].value])
+
+
 def test_resume_after_an_epoch_is_bit_identical(trained_run, tmp_path, data_folder):
     """The shared run's model_1.pt, resumed to 2 epochs, ends where the run itself did."""
     cwd, _ = trained_run
