@@ -28,18 +28,20 @@ def test_training_rejects_data_folder_that_is_a_file(tmp_path):
     assert_clean_failure(result, "--data-folder")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "header", "label", "corrupt_shipped"])
+@pytest.mark.parametrize("damage", ["truncate", "header", "label", "pixel", "corrupt_shipped"])
 def test_training_rejects_damaged_dataset(tmp_path, data_folder, damage, monkeypatch):
-    """A dataset file cut short, or of the right size with a foreign header or a label that is no
-    digit: one line naming it, and the file left for the user to see."""
+    """A dataset file cut short, or of the right size with a foreign header, a label that is no
+    digit or another digit's, or one pixel changed: one line naming it, and the file left for the
+    user to see."""
     import shutil
     if damage != "corrupt_shipped":
         raw = tmp_path / "data" / "MNIST" / "raw"
         shutil.copytree(os.path.join(data_folder, "MNIST", "raw"), raw)
         name, at, write, words = {
             "truncate": ("t10k-images-idx3-ubyte", 1000, None, "truncated"),
-            "header": ("t10k-images-idx3-ubyte", 3, b"\x01", "IDX header"),
-            "label": ("t10k-labels-idx1-ubyte", 20, b"\x0c", "label above 9")}[damage]
+            "header": ("t10k-images-idx3-ubyte", 3, b"\x01", "SHA-256"),
+            "label": ("t10k-labels-idx1-ubyte", 20, b"\x03", "SHA-256"),
+            "pixel": ("train-images-idx3-ubyte", 16 + 28 * 14 + 14, b"\x80", "SHA-256")}[damage]
         with open(raw / name, "r+b") as f:
             f.seek(at)
             f.write(write) if write else f.truncate(at)
