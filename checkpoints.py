@@ -286,24 +286,23 @@ def prior_config_of(checkpoint):
     return GatedPixelCNNConfig(channels=flags["hidden_size"], **common)
 
 
-def load_prior(path, device, K):
+def load_prior(path, device, K=None, flag="--prior-model"):
     """A prior checkpoint of pixelcnn_prior.py (either --arch), in eval mode; it must model codes
-    of K entries."""
-    checkpoint = load_checkpoint(path, "prior", "--prior-model")
-    config = config_from(prior_config_of, checkpoint, "--prior-model", path)
-    if config.k != K:
-        fail(f"--prior-model {path} was built for a codebook of K={config.k}, but the VQ-VAE "
-             f"has K={K}")
-    prior = config_from(lambda _: prior_from_config(config), checkpoint, "--prior-model", path)
-    load_state(prior, checkpoint["state_dict"], "--prior-model", path)
+    of K entries (None: any)."""
+    checkpoint = load_checkpoint(path, "prior", flag)
+    config = config_from(prior_config_of, checkpoint, flag, path)
+    if K is not None and config.k != K:
+        fail(f"{flag} {path} was built for a codebook of K={config.k}, but the VQ-VAE has K={K}")
+    prior = config_from(lambda _: prior_from_config(config), checkpoint, flag, path)
+    load_state(prior, checkpoint["state_dict"], flag, path)
     return prior.to(device).eval()
 
 
-def load_classifier(path, device):
+def load_classifier(path, device, flag="--classifier"):
     """A judge classifier of classifier.py (either --arch), in eval mode."""
-    checkpoint = load_checkpoint(path, "classifier", "--classifier")
+    checkpoint = load_checkpoint(path, "classifier", flag)
     config = config_from(lambda c: JudgeConfig(**(c.get("model_config") or {
-        "arch": c["config"].get("arch", "cnn")})), checkpoint, "--classifier", path)
-    classifier = config_from(lambda _: judge_from_config(config), checkpoint, "--classifier", path)
-    load_state(classifier, checkpoint["state_dict"], "--classifier", path)
+        "arch": c["config"].get("arch", "cnn")})), checkpoint, flag, path)
+    classifier = config_from(lambda _: judge_from_config(config), checkpoint, flag, path)
+    load_state(classifier, checkpoint["state_dict"], flag, path)
     return classifier.to(device).eval()

@@ -10,12 +10,14 @@ import os
 
 import torch
 
-from checkpoints import half_weights, int8_weights, load_checkpoint, save_checkpoint
+from checkpoints import (half_weights, int8_weights, load_checkpoint, load_classifier, load_prior,
+                         load_vqvae, save_checkpoint)
 from cli import ArgumentParser, fail
 from files import check_file_to_write, make_output_dirs
 
 KEPT = ("kind", "model_config", "run_config", "config", "epoch", "step", "metrics")
 FLOAT16_MAX = torch.finfo(torch.float16).max
+LOADERS = {"vqvae": load_vqvae, "prior": load_prior, "classifier": load_classifier}
 
 
 def exported(checkpoint, int8):
@@ -58,6 +60,9 @@ def main():
     check_file_to_write(args.out, "--out", may_exist=False)
     checkpoint = load_checkpoint(args.model, None)
     check_weights(checkpoint["state_dict"], args.model)
+    # the model it describes is built and takes its weights: a foreign file is refused here, not
+    # by whoever is given the export
+    LOADERS[checkpoint.get("kind", "vqvae")](args.model, "cpu", flag="--model")
     make_output_dirs(os.path.dirname(args.out) or ".")
     try:   # checked above, and claimed here: another export that got there first is kept
         save_checkpoint(args.out, exported(checkpoint, args.int8), replace=False)

@@ -322,7 +322,8 @@ def test_export_checkpoint_keeps_a_vqvae_and_an_original_state_dict(tmp_path, tr
                                                                     data_folder):
     """A VQ-VAE (transposed convolutions, the codebook's buffers, bool and integer buffers) and
     the original repo's bare state_dict export in int8 and reconstruct as before; a weight that
-    is not finite, or an --out in a missing folder, is refused in one line, nothing written."""
+    is not finite, a file of tensors that is no VQ-VAE, or an --out in a missing folder, is
+    refused in one line, nothing written."""
     cwd, _ = trained_run
     best = str(cwd / "models" / "tiny" / "best.pt")
     model, _ = load_vqvae(best, "cpu")
@@ -343,7 +344,9 @@ def test_export_checkpoint_keeps_a_vqvae_and_an_original_state_dict(tmp_path, tr
     torch.save(broken, str(tmp_path / "inf.pt"))
     broken["decoder.3.weight"] = torch.full_like(broken["decoder.3.weight"], 1e6)
     torch.save(broken, str(tmp_path / "huge.pt"))  # finite, but not in float16
+    torch.save({"a": torch.zeros(3)}, str(tmp_path / "foreign.pt"))  # tensors, but no VQ-VAE's
     for args, words in ((["--model", "inf.pt", "--out", "x.pt"], ["inf.pt", "NaN or infinite"]),
+                        (["--model", "foreign.pt", "--out", "x.pt"], ["--model foreign.pt"]),
                         (["--model", "huge.pt", "--out", "x.pt"], ["huge.pt", "float16's range"]),
                         (["--model", best, "--out", "inf.pt/y.pt"], ["inf.pt/y.pt", "is a file"])):
         result = run("export_checkpoint.py", *args, cwd=tmp_path, check=False)
