@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cli import (ArgumentParser, add_data_and_device_flags, fail, positive_float,
                  positive_int, resolve_device, seed_int)
-from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
+from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, check_training_split, training_slices
 from judges import JUDGES, JudgeConfig, judge_from_config
 from runs import (TrainingRun, add_run_flags, parse_run_args, resume_is_complete,
                   seed_everything)
@@ -74,8 +74,7 @@ def build_parser():
 def parse_args(argv=None):
     args, checkpoint = parse_run_args(build_parser(), "classifier", LOCKED_ON_RESUME, argv,
                                       before_flags=BEFORE_FLAGS)
-    if not 0 < args.hold_out < TRAIN_IMAGES:
-        fail(f"--hold-out {args.hold_out}: expected 1 to {TRAIN_IMAGES - 1} images")
+    check_training_split(args.hold_out, args.train_subset, least_hold_out=1)
     train_images = min(args.train_subset or TRAIN_IMAGES, TRAIN_IMAGES - args.hold_out)
     # The MLP's BatchNorm1d has no statistics over one image (the CNN's BatchNorm2d averages
     # over its pixels too, so it trains on any batch).

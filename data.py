@@ -88,6 +88,8 @@ def prepare_mnist(data_folder):
     """Make sure `data_folder/MNIST/raw/` holds the four decompressed IDX files: use them if present,
     else extract the shipped copy, else let torchvision download. Safe for many processes preparing
     one folder at once. A file of another size or other bytes than MNIST's: one line and exit 2."""
+    if not data_folder:   # '' would be the working folder: the repo's own MNIST/ when run there
+        fail("--data-folder '': expected a folder name (it will hold MNIST/raw/)")
     if os.path.exists(data_folder) and not os.path.isdir(data_folder):
         fail(f"--data-folder {data_folder} is a file; expected a folder (it will hold MNIST/raw/)")
     raw = os.path.join(data_folder, "MNIST", "raw")
@@ -179,6 +181,16 @@ class MNISTSplit:
         for images, labels in loader:
             yield (images.to(self.device, non_blocking=True),
                    labels.to(self.device, non_blocking=True))
+
+
+def check_training_split(hold_out, train_subset, least_hold_out=0):
+    """--hold-out and --train-subset leave images to train on (train_subset of them at most), or
+    one line naming the flag: --train-subset 10 with --hold-out 59999 would train on one image."""
+    if not least_hold_out <= hold_out < TRAIN_IMAGES:
+        fail(f"--hold-out {hold_out}: expected {least_hold_out} to {TRAIN_IMAGES - 1} images")
+    if train_subset and train_subset > TRAIN_IMAGES - hold_out:
+        fail(f"--train-subset {train_subset}: --hold-out {hold_out} leaves "
+             f"{TRAIN_IMAGES - hold_out} training images")
 
 
 def training_slices(data_folder, device, hold_out, train_subset=None):

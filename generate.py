@@ -43,7 +43,8 @@ def build_parser():
     g.add_argument("--temperature", type=positive_float, default=1.0)
     add_sampler_flags(g)
     g.add_argument("--num-samples", type=positive_int, default=None)
-    g.add_argument("--samples-out", default=None, help="FILE.pt for the --num-samples samples")
+    g.add_argument("--samples-out", default=None,
+                   help="a new FILE.pt for the --num-samples samples (an existing file is kept)")
     p.prior_only = g._group_actions  # argparse keeps a group's actions only privately
     return p
 
@@ -60,7 +61,7 @@ def main():
             args.num_samples and args.input != "prior":
         fail("--num-samples and --samples-out go together, with --input prior")
     if args.samples_out is not None:
-        check_file_to_write(args.samples_out, "--samples-out")
+        check_file_to_write(args.samples_out, "--samples-out", may_exist=False)
     ignored = [a.option_strings[0] for a in parser.prior_only if getattr(args, a.dest) != a.default]
     if args.input != "prior" and ignored:  # a flag with no effect must not pass for one obeyed
         fail(f"{ignored[0]} applies to --input prior only; --input {args.input} draws no samples "
@@ -96,7 +97,11 @@ def main():
     save_grid(generated, path)
     print(f"wrote {path}")
     if args.num_samples:
-        save_checkpoint(args.samples_out, samples)
+        try:   # checked above, and claimed here: a file another process wrote meanwhile is kept
+            save_checkpoint(args.samples_out, samples, replace=False)
+        except FileExistsError:
+            fail(f"--samples-out {args.samples_out}: exists (written a moment ago by another "
+                 f"process); give a new name or delete it first")
         print(f"wrote {args.samples_out}: {tuple(samples.shape)} uint8")
 
 

@@ -27,7 +27,7 @@ from checkpoints import load_checkpoint, load_vqvae, run_settings
 from cli import (ArgumentParser, add_data_and_device_flags, add_vqvae_size_flags, fail, fraction,
                  nonnegative_int, positive_float, positive_int, renamed, resolve_device,
                  seed_int, vqvae_sizes)
-from data import HOLD_OUT, TRAIN_IMAGES, MNISTSplit, training_slices
+from data import HOLD_OUT, MNISTSplit, check_training_split, training_slices
 from image_grids import image_grid
 from priors import PRIORS, prior_from_config, saved_config
 from runs import (TrainingRun, add_run_flags, parse_run_args, resume_is_complete,
@@ -128,8 +128,7 @@ def parse_args(argv=None):
     trained_over = checkpoint and run_settings(checkpoint).get("vqvae_model")
     if trained_over and args.vqvae_model != trained_over:
         check_same_vqvae(args.vqvae_model, trained_over, args.resume)
-    if args.hold_out >= TRAIN_IMAGES:
-        fail(f"--hold-out {args.hold_out}: expected fewer than the {TRAIN_IMAGES} training images")
+    check_training_split(args.hold_out, args.train_subset)
     if args.arch == "transformer" and args.channels % args.heads:
         fail(f"--channels {args.channels}: the transformer's width must be a multiple of "
              f"--heads {args.heads}")

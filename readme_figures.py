@@ -26,7 +26,7 @@ RUNS = (("original configuration", "original_run", "tab:red"), ("README defaults
 def read_run(log_dir):
     """-> (epochs, test MSE, test perplexity, per-code test usage after the last epoch, sorted)."""
     if not os.path.isdir(log_dir):
-        fail(f"{log_dir}: no such folder of TensorBoard event files")
+        fail(f"{log_dir}: not a folder; expected the logs/<name> folder of a VQ-VAE.py run")
     events = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0}).Reload()
     tags = events.Tags()
     missing = [tag for kind, tag in (("scalars", "loss/testing_loss"),

@@ -34,6 +34,9 @@ def check_run_name(name, resume, overwrite):
     if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
         fail(f"--output-folder {name!r}: expected a run name (a plain folder name), not a path")
     model_dir = os.path.join("models", name)
+    if overwrite and continues(resume, model_dir):
+        fail(f"--overwrite with --resume {resume}: that continues the run in {model_dir}/ rather "
+             f"than replacing it; drop --overwrite, or give another --output-folder")
     checkpoints = glob.glob(os.path.join(model_dir, "*.pt"))
     if checkpoints and not continues(resume, model_dir) and not overwrite:
         # last.pt, unless the run was killed before writing it (then its newest checkpoint)
@@ -466,7 +469,7 @@ class TrainingRun:
                             for key in ("data_folder", "device") if self.run_config.get(key))
             # the same number of processes: another number continues, but not bit-identically
             launcher = f"torchrun --nproc_per_node={self.world_size}" if self.world_size > 1 \
-                else "python"
+                else "python3"
             print(f"resume with:\n  {launcher} {self.script} --resume {self.model_dir}/last.pt"
                   f"{local}", file=sys.stderr)
         end_distributed(self.world_size)

@@ -148,8 +148,9 @@ def channels_last(z):
 
 
 def channels_first(z):
-    """(B, H, W, C) -> (B, C, H, W), contiguous (the decoder's in-place ReLU needs its own copy)."""
-    return z.permute(0, 3, 1, 2).contiguous()
+    """(B, H, W, C) -> (B, C, H, W), always a copy: the decoder's in-place ReLU needs its own
+    (with C = 1 the permuted view is already contiguous, and .contiguous() would not copy)."""
+    return z.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
 def fsq_levels_problem(levels):

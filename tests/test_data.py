@@ -22,10 +22,15 @@ def test_both_pipelines_give_identical_batches(data_folder):
     assert abs((images.mean().item() + 1) / 2 - 0.1307) < 0.02  # MNIST's known pixel mean
 
 
-def test_training_rejects_data_folder_that_is_a_file(tmp_path):
+def test_training_rejects_data_folder_that_is_a_file_or_empty(tmp_path):
+    """A file, or '' (which would extract into the working folder's MNIST/: the repo's own copy
+    when run there)."""
     (tmp_path / "afile").write_text("x")
     result = run("VQ-VAE.py", "--data-folder", "afile", cwd=tmp_path, check=False)
     assert_clean_failure(result, "--data-folder")
+    result = run("VQ-VAE.py", "--data-folder", "", cwd=tmp_path, check=False)
+    assert_clean_failure(result, "--data-folder ''")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "header", "label", "pixel", "corrupt_shipped"])

@@ -82,7 +82,8 @@ def test_generate_digit_draws_that_digit(tmp_path, data_folder):
 @pytest.mark.parametrize("case", ["missing", "digit", "temperature", "other_k", "vqvae_as_prior",
                                   "guidance_without_null_label", "keep_without_null_label", "top_p",
                                   "guidance_interval", "per_digit_scales", "per_digit_negative",
-                                  "samples_out_under_a_file", "samples_out_folder", "keep_tiny"])
+                                  "samples_out_under_a_file", "samples_out_folder",
+                                  "samples_out_exists", "keep_tiny"])
 def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
     cwd, _ = trained_prior
     vqvae, prior = str(cwd / "models/tiny/best.pt"), str(cwd / "models/prior/best.pt")
@@ -119,6 +120,8 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
                                       "notes.txt/x.pt"], ["--samples-out", "is a file"]),
         "samples_out_folder": (["--prior-model", prior, "--num-samples", "5", "--samples-out", "."],
                                ["--samples-out", "is a folder"]),
+        "samples_out_exists": (["--prior-model", prior, "--num-samples", "5", "--samples-out",
+                                "notes.txt"], ["--samples-out notes.txt", "exists"]),
         "keep_tiny": (["--prior-model", prior, "--keep", "0.0001"],   # 10,000 draws per map kept
                       ["--keep", "from 0.05 to 1"]),
     }[case]
@@ -126,6 +129,7 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
                  check=False)
     assert_clean_failure(result, *words)
     assert not (tmp_path / "generatedImages").exists()  # refused before anything is drawn
+    assert (tmp_path / "notes.txt").read_text() == "a file, not a folder"
 
 
 def test_generate_guides_by_default_only_priors_that_can_be_guided(trained_prior, tmp_path,

@@ -229,3 +229,13 @@ def test_optimizer_kernels_follow_the_device():
     load_optimizer_state(optimizer, state)
     assert not optimizer.param_groups[0]["fused"] and optimizer.param_groups[0]["lr"] == 0.5
     assert optimizer.state_dict()["state"][0]["exp_avg"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("codebook", ["ema", "loss"])
+def test_a_codeword_of_one_channel_trains(codebook):
+    """--hidden-size 1: the (B, H, W, 1) codewords permuted to (B, 1, H, W) are already
+    contiguous, and the decoder's in-place ReLU must still get its own copy."""
+    model = VectorQuantizedVAE(1, 1, 16, codebook=codebook)
+    x_tilde, _ = model(torch.randn(4, 1, 28, 28), return_quantized=True)
+    x_tilde.sum().backward()
+    assert model.encoder[0].weight.grad is not None

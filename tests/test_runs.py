@@ -224,6 +224,10 @@ def test_existing_run_is_not_overwritten(trained_run, data_folder, tmp_path):
                  "--data-folder", data_folder, cwd=cwd, check=False)
     assert_clean_failure(result, "--overwrite", "models/tiny/")
     assert (cwd / "models" / "tiny" / "best.pt").read_bytes() == before
+    result = run("VQ-VAE.py", "--resume", "models/tiny/last.pt", "--overwrite", "--data-folder",
+                 data_folder, cwd=cwd, check=False)
+    assert_clean_failure(result, "--overwrite with --resume")
+    assert (cwd / "models" / "tiny" / "best.pt").read_bytes() == before
     # A run killed before it wrote last.pt: the advice names a checkpoint it has
     shutil.copytree(cwd / "models" / "tiny", tmp_path / "models" / "tiny")
     (tmp_path / "models" / "tiny" / "last.pt").unlink()
@@ -318,6 +322,9 @@ def test_other_trainers_refuse_overwrites_and_paths(trained_classifier, trained_
         result = run(script, "--output-folder", name, *vqvae, "--data-folder", "nowhere",
                      cwd=cwd, check=False)
         assert_clean_failure(result, "--output-folder")
+    result = run(script, "--output-folder", "small", *vqvae, "--hold-out", "59999",
+                 "--train-subset", "10", "--data-folder", "nowhere", cwd=cwd, check=False)
+    assert_clean_failure(result, "--train-subset 10", "leaves 1 training images")
     assert sorted(os.listdir(cwd / "models")) == ["judge", "taken"]  # the checks ran first:
     assert not (cwd / "nowhere").exists()                             # no data was extracted
 
