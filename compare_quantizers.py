@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -89,13 +90,29 @@ def state(name, num_epochs, kind="vqvae", flag="--num-epochs", vqvae_model=None)
 
 
 def run_script(script, flags, name, capture=False):
-    """Run one of this repo's scripts -> its stdout when `capture`; its failure stops us."""
+    """Run one of this repo's scripts -> its stdout when `capture`; its failure stops us. Ctrl-C or
+    SIGTERM to this process reaches the script as SIGTERM (a trainer saves last.pt and exits), and
+    the comparison stops with it rather than leaving it running alone."""
     command = [sys.executable, os.path.join(REPO, script), *flags]
     print(" ".join(command[1:]), flush=True)
-    result = subprocess.run(command, stdout=subprocess.PIPE if capture else None)
-    if result.returncode:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE if capture else None)
+    stops = []
+
+    def forward(signum, _frame):   # SIGTERM even for a Ctrl-C: the script may have had that one
+        stops.append(signum)
+        process.send_signal(signal.SIGTERM)
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stdout, _ = process.communicate()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if stops:
+        fail(f"{name}: stopped by signal {stops[0]}; rerun the same command to go on from there",
+             status=128 + stops[0])
+    if process.returncode:
         fail(f"{name}: {script} failed (its error is above); rerun to go on from there")
-    return result.stdout
+    return stdout
 
 
 def being_trained(name):

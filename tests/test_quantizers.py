@@ -245,3 +245,41 @@ def test_compare_quantizers_trains_what_is_missing_and_reports(tmp_path, data_fo
     assert_clean_failure(run("compare_quantizers.py", "--variants", "lfq", "--seeds", "0",
                              "--num-epochs", "1", "--report-only", cwd=tmp_path, check=False),
                          "models/q_lfq_s0/model_1.pt", "no such file")
+
+
+def test_compare_quantizers_stops_with_the_run_it_started(tmp_path, data_folder):
+    """SIGTERM to compare_quantizers.py reaches the VQ-VAE.py it is running: the trainer saves
+    last.pt and both exit (the trainer used to go on alone, holding its run folder)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import REPO
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "compare_quantizers.py"), "--variants", "lfq",
+         "--seeds", "0", "--num-epochs", "1", "--data-folder", data_folder],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def trainer():   # the child process, once it catches SIGTERM (its TrainingRun has begun)
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{pid}/status") as f:
+                    caught = next(int(line.split()[1], 16) for line in f
+                                  if line.startswith("SigCgt:"))
+            except (OSError, StopIteration):
+                continue
+            if parent == process.pid and caught >> (signal.SIGTERM - 1) & 1:
+                return int(pid)
+    deadline = time.time() + 120
+    while (child := trainer()) is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert child is not None, process.communicate(timeout=60)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by signal 15" in stderr and "rerun the same command" in stderr
+    assert not os.path.exists(f"/proc/{child}")
+    assert (tmp_path / "models" / "q_lfq_s0" / "last.pt").is_file()
