@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import (ArgumentParser, decay_float, fail, nonnegative_float, nonnegative_int,
+from cli import (ArgumentParser, decay_float, fail, int_between, nonnegative_float, nonnegative_int,
                  positive_float, positive_int, resolve_device, seed_int)
 from data import TRAIN_IMAGES, MNISTSplit
 from image_grids import image_grid
@@ -33,8 +33,8 @@ from runs import (TrainingRun, add_run_flags, end_distributed, parse_run_args,
 from training import (LR_SCHEDULES, add_compile_flags, check_compile_flags, evaluate_vqvae,
                       loss_weights, make_optimizer, make_precision, make_scheduler, maybe_compile,
                       step_scalar_tags, step_scalars, train_step)
-from vector_quantizer import (CODEBOOK_INITS, CODEBOOKS, GRADIENTS, QUANTIZERS, fsq_levels_problem,
-                              lfq_k_problem)
+from vector_quantizer import (CODEBOOK_INITS, CODEBOOKS, GRADIENTS, MAX_IMPLICIT_K, QUANTIZERS,
+                              fsq_levels_problem, lfq_k_problem)
 
 # A --resume must agree with the checkpoint on these; others (device, epochs at a constant learning
 # rate, ...) may be changed.
@@ -57,9 +57,11 @@ def build_parser():
     p.add_argument("--output-folder", default="vqvae", help="run name: logs/<name>, models/<name>")
     p.add_argument("--data-folder", default="data", help="MNIST goes to <folder>/MNIST/raw")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--hidden-size", type=positive_int, default=DEFAULTS.hidden_size,
+    # Bounded where memory would run out mid-run with a traceback: D of a few thousand channels
+    # at 7x7 or K beyond FSQ's and LFQ's limit is no MNIST model
+    p.add_argument("--hidden-size", type=int_between(1, 4096), default=DEFAULTS.hidden_size,
                    help="latent/codeword size D")
-    p.add_argument("--k", type=positive_int, default=DEFAULTS.k,
+    p.add_argument("--k", type=int_between(1, MAX_IMPLICIT_K), default=DEFAULTS.k,
                    help="number of codewords K")
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--num-epochs", "--num_epoch", dest="num_epochs", type=positive_int, default=10)

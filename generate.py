@@ -20,8 +20,8 @@ import os
 import torch
 
 from checkpoints import load_prior, load_vqvae, save_checkpoint
-from cli import (ArgumentParser, add_vqvae_size_flags, fail, positive_float,
-                 positive_int, resolve_device, seed_int, vqvae_sizes)
+from cli import (ArgumentParser, add_vqvae_size_flags, fail, int_between, positive_float,
+                 resolve_device, seed_int, vqvae_sizes)
 from data import MNISTSplit, to_uint8
 from files import check_file_to_write, make_output_dirs
 from image_grids import save_grid
@@ -42,7 +42,8 @@ def build_parser():
     g.add_argument("--digit", type=int, choices=range(10), metavar="{0..9}", default=None)
     g.add_argument("--temperature", type=positive_float, default=1.0)
     add_sampler_flags(g)
-    g.add_argument("--num-samples", type=positive_int, default=None)
+    g.add_argument("--num-samples", type=int_between(1, 1_000_000), default=None,
+                   help="also draw N samples into --samples-out (at most 1,000,000: hours on a CPU)")
     g.add_argument("--samples-out", default=None,
                    help="a new FILE.pt for the --num-samples samples (an existing file is kept)")
     p.prior_only = g._group_actions  # argparse keeps a group's actions only privately

@@ -83,7 +83,7 @@ def test_generate_digit_draws_that_digit(tmp_path, data_folder):
                                   "guidance_without_null_label", "keep_without_null_label", "top_p",
                                   "guidance_interval", "per_digit_scales", "per_digit_negative",
                                   "samples_out_under_a_file", "samples_out_folder",
-                                  "samples_out_exists", "keep_tiny"])
+                                  "samples_out_exists", "keep_tiny", "too_many_samples"])
 def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
     cwd, _ = trained_prior
     vqvae, prior = str(cwd / "models/tiny/best.pt"), str(cwd / "models/prior/best.pt")
@@ -124,6 +124,8 @@ def test_generate_prior_rejects_bad_input(trained_prior, tmp_path, case):
                                 "notes.txt"], ["--samples-out notes.txt", "exists"]),
         "keep_tiny": (["--prior-model", prior, "--keep", "0.0001"],   # 10,000 draws per map kept
                       ["--keep", "from 0.05 to 1"]),
+        "too_many_samples": (["--prior-model", prior, "--num-samples", "999999999999",
+                              "--samples-out", "s.pt"], ["--num-samples", "1,000,000"]),
     }[case]
     result = run("generate.py", "--model", vqvae, "--input", "prior", *args, cwd=tmp_path,
                  check=False)

@@ -55,6 +55,8 @@ def test_tensorboard_tags(trained_run):
     (["--beta", "-1"], "--beta"),
     (["--beta", "inf"], "--beta"),
     (["--k", "many"], "--k"),
+    (["--k", "2000000000"], "from 1 to 65,536"),           # memory would run out mid-run
+    (["--hidden-size", "100000000"], "from 1 to 4,096"),
     (["--num-workers", "-1"], "--num-workers"),
     (["--ema-decay", "1"], "--ema-decay"),
     (["--codebook", "magic"], "--codebook"),
