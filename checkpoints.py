@@ -10,6 +10,7 @@ from dataclasses import fields
 
 import os
 import pickle
+import sys
 import warnings
 import zipfile
 
@@ -25,7 +26,8 @@ from priors import prior_config, prior_from_config
 
 
 # The committed checkpoints (model.txt), wherever the script using them is run from
-PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained")
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+PRETRAINED = os.path.join(REPO_DIR, "models", "pretrained")
 CHECKPOINT_KINDS = {"vqvae": "VQ-VAE.py", "prior": "pixelcnn_prior.py", "classifier": "classifier.py"}
 
 
@@ -296,6 +298,40 @@ def load_prior(path, device, K=None, flag="--prior-model"):
     prior = config_from(lambda _: prior_from_config(config), checkpoint, flag, path)
     load_state(prior, checkpoint["state_dict"], flag, path)
     return prior.to(device).eval()
+
+
+def same_weights(path, flag, other, other_flag):
+    """Whether the VQ-VAE checkpoints at `path` and `other` hold the same weights (one file moved or
+    copied); the flags name them in an error."""
+    if os.path.samefile(path, other):
+        return True
+    mine, theirs = load_checkpoint(path, "vqvae", flag)["state_dict"], \
+        load_checkpoint(other, "vqvae", other_flag)["state_dict"]
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def here(recorded):
+    """A checkpoint path a run recorded -> that file on this machine, or None: as recorded, else
+    (a run trained in another clone) its part from models/ on, in this repo."""
+    if not isinstance(recorded, str):
+        return None
+    parts = os.path.normpath(recorded).split(os.sep)
+    moved = os.path.join(REPO_DIR, *parts[len(parts) - parts[::-1].index("models") - 1:]) \
+        if "models" in parts else None
+    return next((p for p in (recorded, moved) if p and os.path.isfile(p)), None)
+
+
+def warn_if_over_another_vqvae(prior_path, vqvae_path):
+    """A prior draws the codes of the VQ-VAE it was trained over; another VQ-VAE with the same K
+    decodes them into noise. A warning where the prior's own VQ-VAE is on this machine and
+    `vqvae_path` holds other weights (a prior whose VQ-VAE is elsewhere cannot be checked)."""
+    trained_over = here(run_settings(load_checkpoint(prior_path, "prior", "--prior-model")).get(
+        "vqvae_model"))
+    if trained_over and not same_weights(vqvae_path, "--model", trained_over,
+                                         f"--prior-model {prior_path}'s VQ-VAE"):
+        print(f"warning: --prior-model {prior_path} was trained over the codes of {trained_over}, "
+              f"not of {vqvae_path}, whose weights differ: its samples will not be digits",
+              file=sys.stderr)
 
 
 def load_classifier(path, device, flag="--classifier"):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint, load_vqvae, run_settings
+from checkpoints import load_vqvae, run_settings, same_weights
 from cli import (ArgumentParser, add_data_and_device_flags, add_vqvae_size_flags, fail, fraction,
                  nonnegative_int, positive_float, positive_int, renamed, resolve_device,
                  seed_int, vqvae_sizes)
@@ -147,9 +147,7 @@ def check_same_vqvae(path, trained_over, resume):
         print(f"warning: --resume {resume} was trained over {trained_over}, which is not here; "
               f"going on over --vqvae-model {path}, which must be that VQ-VAE", file=sys.stderr)
         return
-    mine, theirs = (load_checkpoint(p, "vqvae", "--vqvae-model")["state_dict"]
-                    for p in (path, trained_over))
-    if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+    if not same_weights(path, "--vqvae-model", trained_over, f"--resume {resume}'s VQ-VAE"):
         fail(f"--vqvae-model {path}: --resume {resume} is a prior over the codes of "
              f"{trained_over}, whose weights differ; resume over that VQ-VAE or train a new prior")
 

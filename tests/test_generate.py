@@ -1,6 +1,7 @@
 """generate.py: grids from a VQ-VAE and from a prior, the sampler's flags, bad input."""
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 from checkpoints import save_checkpoint
-from conftest import REPO, assert_clean_failure, run
+from conftest import PRETRAINED_VQVAE, REPO, assert_clean_failure, run
 
 
 @pytest.mark.parametrize("source", ["MNIST", "random"])
@@ -174,3 +175,18 @@ def test_grids_are_torchvisions_layout_pixel_for_pixel(count, per_row, tmp_path)
     save_grid(images, str(tmp_path / "ours.png"), nrow=per_row)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "torchvision.png")),
                           np.asarray(Image.open(tmp_path / "ours.png")))
+
+
+def test_a_prior_with_another_vqvae_is_warned_about(tmp_path):
+    """The committed prior names the VQ-VAE it was trained over (found in this repo wherever it
+    was trained): the same weights draw quietly, other weights of the same K get a warning."""
+    prior = os.path.join(REPO, "models", "pretrained", "prior_mnist.pt")
+    checkpoint = torch.load(PRETRAINED_VQVAE, weights_only=True)
+    checkpoint["state_dict"]["decoder.3.weight"] *= 1.01
+    torch.save(checkpoint, tmp_path / "retrained.pt")
+    shutil.copy(PRETRAINED_VQVAE, tmp_path / "copy.pt")
+    for vqvae, warned in (("copy.pt", False), ("retrained.pt", True)):
+        result = run("generate.py", "--model", vqvae, "--input", "prior", "--prior-model", prior,
+                     "--filename", vqvae, cwd=tmp_path)
+        assert ("warning: --prior-model" in result.stderr) == warned, result.stderr
+        assert "samples will not be digits" in result.stderr or not warned
