@@ -159,7 +159,7 @@ def train_resume_and_evaluate(tmp_path, data_folder, quantizer, flags):
     (tmp_path / "models" / "cut").mkdir()
     shutil.copy(tmp_path / "models/whole/model_1.pt", tmp_path / "models/cut/last.pt")
     run("VQ-VAE.py", "--resume", "models/cut/last.pt", "--num-epochs", "2", "--data-folder",
-        data_folder, "--output-folder", "cut", "--overwrite", cwd=tmp_path)
+        data_folder, "--output-folder", "cut", cwd=tmp_path)
     assert_same_weights(tmp_path / "models/whole/last.pt", tmp_path / "models/cut/last.pt")
     checkpoint = torch.load(tmp_path / "models/whole/last.pt", weights_only=True)
     assert checkpoint["model_config"]["quantizer"] == quantizer
