@@ -8,6 +8,8 @@ before the two were apart hold one "config", the command line: the model is read
 """
 from dataclasses import fields
 
+import contextlib
+import io
 import os
 import pickle
 import sys
@@ -26,8 +28,7 @@ from priors import prior_config, prior_from_config
 
 
 # The committed checkpoints (model.txt), wherever the script using them is run from
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-PRETRAINED = os.path.join(REPO_DIR, "models", "pretrained")
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "pretrained")
 CHECKPOINT_KINDS = {"vqvae": "VQ-VAE.py", "prior": "pixelcnn_prior.py", "classifier": "classifier.py"}
 
 
@@ -95,15 +96,21 @@ def load_checkpoint(path, kind, flag="--model"):
 def failed_checksum(path):
     """The first record of a checkpoint in torch.save's zip format whose bytes do not match their
     CRC-32, or None: torch.load does not check them, so a flipped byte would load as a wrong weight.
-    None too for a file that is not a zip (torch.load then judges it)."""
-    if not zipfile.is_zipfile(path):
-        return None
+    None too for what torch.load is left to judge: a file that is not a zip, or whose record table
+    does not read."""
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except Exception:  # zipfile raises several types for damaged record headers
-        return "its record table"
-    return None if bad is None else f"record {bad}"
+            records = [r for r in archive.infolist() if r.CRC]  # 0: saved without CRCs (torch can)
+            for record in records:
+                try:
+                    with archive.open(record) as f:   # zipfile checks the CRC as it reads
+                        while f.read(1 << 20):
+                            pass
+                except (zipfile.BadZipFile, OSError):
+                    return f"record {record.filename}"
+    except (zipfile.BadZipFile, OSError):
+        return None
+    return None
 
 
 def finite(state_dict, flag, path):
@@ -303,7 +310,7 @@ def load_prior(path, device, K=None, flag="--prior-model"):
 def same_weights(path, flag, other, other_flag):
     """Whether the VQ-VAE checkpoints at `path` and `other` hold the same weights (one file moved or
     copied); the flags name them in an error."""
-    if os.path.samefile(path, other):
+    if os.path.isfile(path) and os.path.isfile(other) and os.path.samefile(path, other):
         return True
     mine, theirs = load_checkpoint(path, "vqvae", flag)["state_dict"], \
         load_checkpoint(other, "vqvae", other_flag)["state_dict"]
@@ -311,14 +318,17 @@ def same_weights(path, flag, other, other_flag):
 
 
 def here(recorded):
-    """A checkpoint path a run recorded -> that file on this machine, or None: as recorded, else
-    (a run trained in another clone) its part from models/ on, in this repo."""
+    """A VQ-VAE path a prior recorded -> that file on this machine, or None: as recorded, else (a
+    prior trained in another clone over a committed VQ-VAE) the committed file of that name. Other
+    runs are not guessed at by name: another run of the same name is another VQ-VAE."""
     if not isinstance(recorded, str):
         return None
-    parts = os.path.normpath(recorded).split(os.sep)
-    moved = os.path.join(REPO_DIR, *parts[len(parts) - parts[::-1].index("models") - 1:]) \
-        if "models" in parts else None
-    return next((p for p in (recorded, moved) if p and os.path.isfile(p)), None)
+    if os.path.isfile(recorded):
+        return recorded
+    head, name = os.path.split(os.path.normpath(recorded))
+    committed = os.path.join(PRETRAINED, name)
+    return committed if os.path.basename(head) == "pretrained" and \
+        os.path.basename(os.path.dirname(head)) == "models" and os.path.isfile(committed) else None
 
 
 def warn_if_over_another_vqvae(prior_path, vqvae_path):
@@ -327,10 +337,16 @@ def warn_if_over_another_vqvae(prior_path, vqvae_path):
     `vqvae_path` holds other weights (a prior whose VQ-VAE is elsewhere cannot be checked)."""
     trained_over = here(run_settings(load_checkpoint(prior_path, "prior", "--prior-model")).get(
         "vqvae_model"))
-    if trained_over and not same_weights(vqvae_path, "--model", trained_over,
-                                         f"--prior-model {prior_path}'s VQ-VAE"):
+    if not trained_over:
+        return
+    try:   # advice only: a recorded file that does not load is nothing to compare with
+        with contextlib.redirect_stderr(io.StringIO()):
+            differs = not same_weights(vqvae_path, "--model", trained_over, "")
+    except SystemExit:
+        return
+    if differs:
         print(f"warning: --prior-model {prior_path} was trained over the codes of {trained_over}, "
-              f"not of {vqvae_path}, whose weights differ: its samples will not be digits",
+              f"not of {vqvae_path}, whose weights differ: its samples are unlikely to be digits",
               file=sys.stderr)
 
 

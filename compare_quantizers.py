@@ -95,14 +95,19 @@ def run_script(script, flags, name, capture=False):
     the comparison stops with it rather than leaving it running alone."""
     command = [sys.executable, os.path.join(REPO, script), *flags]
     print(" ".join(command[1:]), flush=True)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE if capture else None)
-    stops = []
+    stops, processes = [], []
 
     def forward(signum, _frame):   # SIGTERM even for a Ctrl-C: the script may have had that one
         stops.append(signum)
-        process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+    # caught before the script starts: a stop in between must not leave it running alone
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE if capture else None)
+        processes.append(process)
+        if stops:   # it came while the script was starting
+            process.send_signal(signal.SIGTERM)
         stdout, _ = process.communicate()
     finally:
         for signum, handler in previous.items():
@@ -237,13 +242,14 @@ def curves(name):
             for tag in ("codebook/test/codes_used", "codebook/test/perplexity")}
 
 
-def saved_metric(name, file, key):
-    """One figure of the metrics that models/<name>/<file> saved, or one line naming the file."""
+def saved_metrics(name, file, *keys):
+    """The figures `keys` of the metrics models/<name>/<file> saved, or one line naming the file."""
     path = os.path.join("models", name, file)
-    value = load_checkpoint(path, "vqvae", "--num-epochs").get("metrics", {}).get(key)
-    if not isinstance(value, (int, float)):
-        fail(f"{path}: its metrics hold no {key}; delete models/{name}/ to train it again")
-    return value
+    metrics = load_checkpoint(path, "vqvae", "run checkpoint").get("metrics") or {}
+    missing = [key for key in keys if not isinstance(metrics.get(key), (int, float))]
+    if missing:
+        fail(f"{path}: its metrics hold no {missing[0]}; delete models/{name}/ to train it again")
+    return metrics
 
 
 def summary(variant, seeds, num_epochs):
@@ -253,10 +259,9 @@ def summary(variant, seeds, num_epochs):
         name = run_name(variant, seed)
         if state(name, num_epochs) != "done":
             continue
-        seconds = [saved_metric(name, f"model_{e}.pt", "train_seconds")
+        seconds = [saved_metrics(name, f"model_{e}.pt", "train_seconds")["train_seconds"]
                    for e in range(1, num_epochs + 1)]
-        m = {key: saved_metric(name, "last.pt", key)
-             for key in ("reconstruction", "codes_used", "perplexity")}
+        m = saved_metrics(name, "last.pt", "reconstruction", "codes_used", "perplexity")
         figures.append([m["reconstruction"], m["codes_used"], m["perplexity"],
                         49 * math.log2(m["perplexity"]), float(np.mean(seconds))])
         per_epoch.append(curves(name))

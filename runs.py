@@ -48,14 +48,17 @@ def check_run_name(name, resume, overwrite):
 
 def continues(resume, model_dir):
     """Whether --resume `resume` continues the run whose checkpoints are in `model_dir`."""
-    return bool(resume) and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(model_dir)
+    # realpath: the same folder reached through a link is the same run (--overwrite deletes others)
+    return bool(resume) and os.path.realpath(os.path.dirname(resume)) == os.path.realpath(model_dir)
 
 
 def prepare_run_folders(name, resume, overwrite, rank=0):
     """logs/<name> and models/<name>, created and claimed by rank 0 (`claim_folder`: one run at a
     time writes there, so two runs started at once under one name cannot both pass the check
-    below and overwrite each other); `check_run_name` runs again under the claim. --overwrite then
-    deletes the earlier run's checkpoints and event files. -> (log_dir, model_dir, the claim)."""
+    below and overwrite each other); `check_run_name` runs again under the claim. A run that does
+    not continue the folder's own (a fresh one; --overwrite, also with another run's --resume) then
+    deletes its checkpoints and event files, and any run deletes a killed save's partial files.
+    -> (log_dir, model_dir, the claim)."""
     log_dir, model_dir = os.path.join("logs", name), os.path.join("models", name)
     if rank != 0:
         return log_dir, model_dir, None

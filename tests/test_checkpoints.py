@@ -367,3 +367,25 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused(tmp_path):
                  check=False)
     assert_clean_failure(result, "flipped.pt", "checksum")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flipped.pt"]
+
+
+def test_a_file_saved_without_crcs_loads(tmp_path):
+    """torch can save without CRC-32s (they are 0 then): nothing to check, not a damaged file."""
+    serialization = pytest.importorskip("torch.utils.serialization")
+    monkeypatch_value = serialization.config.save.compute_crc32
+    serialization.config.save.compute_crc32 = False
+    try:
+        torch.save(torch.load(PRETRAINED_VQVAE, weights_only=True), tmp_path / "no_crc.pt")
+    finally:
+        serialization.config.save.compute_crc32 = monkeypatch_value
+    assert load_checkpoint(str(tmp_path / "no_crc.pt"), "vqvae")["state_dict"]
+
+
+def test_a_priors_recorded_vqvae_is_found_where_it_can_be_known():
+    """As recorded; a committed VQ-VAE recorded in another clone, in this one; another run of the
+    same name elsewhere is not guessed at (it would be another VQ-VAE)."""
+    from checkpoints import here
+    assert here(PRETRAINED_VQVAE) == PRETRAINED_VQVAE
+    assert here("/another/clone/models/pretrained/vqvae_mnist.pt") == PRETRAINED_VQVAE
+    assert here("/another/clone/models/vqvae/best.pt") is None
+    assert here("/another/clone/models/pretrained/missing.pt") is None and here(None) is None
