@@ -44,6 +44,10 @@ def test_overwrite_by_another_runs_resume_starts_the_folder_afresh(tmp_path, mon
     killed_mid_save.write_bytes(b"partial")
     prepare_run_folders("b", "models/b/last.pt", False)[2].release()
     assert all(path.exists() for path in earlier) and not killed_mid_save.exists()
+    (tmp_path / "link").symlink_to(tmp_path)   # the same run by another path: not replaced
+    with pytest.raises(SystemExit):
+        prepare_run_folders("b", "link/models/b/last.pt", True)
+    assert all(path.exists() for path in earlier)
     prepare_run_folders("b", "models/a/last.pt", True)[2].release()
     assert not any(path.exists() for path in earlier)
 
