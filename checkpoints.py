@@ -295,13 +295,16 @@ def prior_config_of(checkpoint):
     return GatedPixelCNNConfig(channels=flags["hidden_size"], **common)
 
 
-def load_prior(path, device, K=None, flag="--prior-model"):
+def load_prior(path, device, K=None, flag="--prior-model", vqvae_path=None):
     """A prior checkpoint of pixelcnn_prior.py (either --arch), in eval mode; it must model codes
-    of K entries (None: any)."""
+    of K entries (None: any), and with `vqvae_path` a warning says when it was trained over the
+    codes of another VQ-VAE than that one (`warn_if_over_another_vqvae`)."""
     checkpoint = load_checkpoint(path, "prior", flag)
     config = config_from(prior_config_of, checkpoint, flag, path)
     if K is not None and config.k != K:
         fail(f"{flag} {path} was built for a codebook of K={config.k}, but the VQ-VAE has K={K}")
+    if vqvae_path:
+        warn_if_over_another_vqvae(checkpoint, path, vqvae_path)
     prior = config_from(lambda _: prior_from_config(config), checkpoint, flag, path)
     load_state(prior, checkpoint["state_dict"], flag, path)
     return prior.to(device).eval()
@@ -331,12 +334,12 @@ def here(recorded):
         os.path.basename(os.path.dirname(head)) == "models" and os.path.isfile(committed) else None
 
 
-def warn_if_over_another_vqvae(prior_path, vqvae_path):
+def warn_if_over_another_vqvae(checkpoint, prior_path, vqvae_path):
     """A prior draws the codes of the VQ-VAE it was trained over; another VQ-VAE with the same K
-    decodes them into noise. A warning where the prior's own VQ-VAE is on this machine and
-    `vqvae_path` holds other weights (a prior whose VQ-VAE is elsewhere cannot be checked)."""
-    trained_over = here(run_settings(load_checkpoint(prior_path, "prior", "--prior-model")).get(
-        "vqvae_model"))
+    decodes them into noise. A warning where the prior's own VQ-VAE (its loaded `checkpoint`
+    names it) is on this machine and `vqvae_path` holds other weights (a prior whose VQ-VAE is
+    elsewhere cannot be checked)."""
+    trained_over = here(run_settings(checkpoint).get("vqvae_model"))
     if not trained_over:
         return
     try:   # advice only: a recorded file that does not load is nothing to compare with

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from checkpoints import load_prior, load_vqvae, save_checkpoint, warn_if_over_another_vqvae
+from checkpoints import load_prior, load_vqvae, save_checkpoint
 from cli import (ArgumentParser, add_vqvae_size_flags, fail, int_between, positive_float,
                  resolve_device, seed_int, vqvae_sizes)
 from data import MNISTSplit, to_uint8
@@ -70,9 +70,8 @@ def main():
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     model, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
-    prior = load_prior(args.prior_model, device, model.codeBook.K) if args.input == "prior" else None
-    if prior:
-        warn_if_over_another_vqvae(args.prior_model, args.model)
+    prior = load_prior(args.prior_model, device, model.codeBook.K, vqvae_path=args.model) \
+        if args.input == "prior" else None
     sampler = {"temperature": args.temperature, **sampler_options(
         prior, args.prior_model, args.guidance_scale, args.top_k, args.top_p,
         args.guidance_interval, args.keep)} if prior else None

@@ -42,7 +42,7 @@ import os
 import torch
 
 from checkpoints import (PRETRAINED, load_checkpoint, load_classifier, load_prior, load_vqvae,
-                         run_settings, warn_if_over_another_vqvae)
+                         run_settings)
 from cli import (ArgumentParser, add_data_and_device_flags, add_vqvae_size_flags, int_between,
                  keep_fraction, nonnegative_int, positive_float, positive_int, resolve_device,
                  seed_int, unit_float, vqvae_sizes)
@@ -254,8 +254,7 @@ def main():
                                             else HOLD_OUT)
     device = resolve_device(args.device)
     vqvae, _ = load_vqvae(args.model, device, "--model", vqvae_sizes(args))
-    prior = load_prior(args.prior_model, device, vqvae.codeBook.K)
-    warn_if_over_another_vqvae(args.prior_model, args.model)
+    prior = load_prior(args.prior_model, device, vqvae.codeBook.K, vqvae_path=args.model)
     # Every sampler checked before any data is read or drawn: a bad one stops the call at once
     samplers = {}   # name -> (sample_codes' options, temperature)
     for scale, keep, t in itertools.product(args.guidance_scales, args.keeps, args.temperatures):
